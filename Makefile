@@ -1,0 +1,53 @@
+# The front door. Every target creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+
+.PHONY: install dev test lint typecheck pytest demo bench soak fuzz clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(PIP) install --quiet -e '.[fast,plot]'
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(PIP) install --quiet -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+dev: $(VENV)/.installed-dev
+
+lint: dev
+	$(BIN)/ruff check asyncpager tests scripts examples
+	$(BIN)/ruff format --check asyncpager tests scripts examples
+
+typecheck: dev
+	$(BIN)/mypy
+
+pytest: dev
+	$(BIN)/python -m pytest -W error
+
+test: lint typecheck pytest
+
+demo: install
+	$(BIN)/python -m asyncpager demo
+
+bench: dev
+	$(BIN)/python scripts/bench_hit_path.py
+	$(BIN)/python scripts/bench_open.py
+	$(BIN)/python scripts/bench_read.py
+	$(BIN)/python scripts/bench_decode.py
+
+# Long runs, not part of `make test`.
+soak: dev
+	ASYNCPAGER_SOAK_SEEDS=200 $(BIN)/python -m pytest -W error -m slow tests/test_chaos.py -p no:randomly
+
+fuzz: dev
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -W error tests/test_format_fuzz.py tests/test_state_machine.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,53 @@
+"""asyncpager: page the weights of a large model between disk and a fixed RAM budget,
+for asyncio inference servers.
+
+    import asyncpager as ap
+    async with ap.open("model.gguf", budget_bytes=2 << 30, prefetch_depth=1) as pager:
+        async with pager.acquire_layer(3) as layer:
+            ...
+"""
+
+from ._errors import (
+    BudgetExceeded,
+    FormatError,
+    PagerClosed,
+    PagerError,
+    SourceError,
+    TensorNotFound,
+)
+from ._formats import ArraySummary, ModelIndex, read_index
+from ._lease import AcquireContext, Lease, LeaseGroup
+from ._open import HotSet, open
+from ._pager import LoadFlight, Pager
+from ._sources import AiofilesSource, FileSource, MemorySource, MmapSource, MultiFileSource, Source
+from ._stats import LatencyHistogram, LatencySummary, PagerStats
+from ._tensor import TensorInfo
+
+__all__ = [
+    "AcquireContext",
+    "AiofilesSource",
+    "ArraySummary",
+    "BudgetExceeded",
+    "FileSource",
+    "FormatError",
+    "HotSet",
+    "LatencyHistogram",
+    "LatencySummary",
+    "Lease",
+    "LeaseGroup",
+    "LoadFlight",
+    "MemorySource",
+    "MmapSource",
+    "ModelIndex",
+    "MultiFileSource",
+    "Pager",
+    "PagerClosed",
+    "PagerError",
+    "PagerStats",
+    "SourceError",
+    "TensorInfo",
+    "TensorNotFound",
+    "open",
+    "read_index",
+]
+__version__ = "0.1.0"

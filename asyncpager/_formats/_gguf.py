@@ -1,0 +1,389 @@
+"""GGUF (versions 2 and 3, little-endian) header parser.
+
+Reads the metadata and tensor table straight from a read-only memory map with
+``struct.unpack_from``; the ``gguf`` package is never used.
+
+Invariants:
+
+- Every count or length taken from the header is checked against the bytes
+  left in the file *before* it sizes a loop or an allocation, so no header can
+  make the parser allocate more than the file's own size.
+- A metadata array is decoded only while the key's running item count stays
+  within 1,000 items; a longer one becomes an :class:`ArraySummary` and is
+  skipped without building Python objects (fixed-size elements by arithmetic,
+  strings by a tight walk over their length prefixes).
+- Every malformed input raises ``FormatError(path, offset, problem)`` where
+  ``offset`` is the byte at which the offending field starts.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import struct
+from pathlib import Path
+from typing import NoReturn, TypeAlias
+
+import numpy as np
+
+from .._errors import FormatError
+from .._tensor import TensorInfo
+from ._ggml import GGML_TYPES
+from ._index import ArraySummary, MetadataValue, ModelIndex, check_no_overlap, layer_of
+
+__all__ = ["GGUF_MAGIC", "MAX_ARRAY_ITEMS", "read_gguf"]
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 8  # ggml itself stops at 4; accept a little more
+MAX_ARRAY_ITEMS = 1_000  # decoded items per metadata key; longer arrays are summarised
+MAX_ARRAY_NESTING = 8
+
+_STRING = 8
+_ARRAY = 9
+# value type id -> (name, struct for one item, item size); strings and arrays
+# are variable-sized and handled apart.
+_FIXED_VALUE_TYPES: dict[int, tuple[str, str, int]] = {
+    0: ("UINT8", "B", 1),
+    1: ("INT8", "b", 1),
+    2: ("UINT16", "H", 2),
+    3: ("INT16", "h", 2),
+    4: ("UINT32", "I", 4),
+    5: ("INT32", "i", 4),
+    6: ("FLOAT32", "f", 4),
+    7: ("BOOL", "?", 1),
+    10: ("UINT64", "Q", 8),
+    11: ("INT64", "q", 8),
+    12: ("FLOAT64", "d", 8),
+}
+_FIXED_STRUCTS = {vt: struct.Struct("<" + ch) for vt, (_, ch, _) in _FIXED_VALUE_TYPES.items()}
+_VALUE_TYPE_NAMES = {vt: name for vt, (name, _, _) in _FIXED_VALUE_TYPES.items()}
+_VALUE_TYPE_NAMES |= {_STRING: "STRING", _ARRAY: "ARRAY"}
+# Fewest bytes one element of each type occupies (a string: its length; an
+# array: element type + count).
+_MIN_ITEM_SIZE = {vt: size for vt, (_, _, size) in _FIXED_VALUE_TYPES.items()}
+_MIN_ITEM_SIZE |= {_STRING: 8, _ARRAY: 12}
+_MIN_KV_SIZE = 8 + 4 + 1  # empty key, value type, one-byte value
+_MIN_TENSOR_INFO_SIZE = 8 + 4 + 4 + 8  # empty name, n_dims=0, type, offset
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_TYPE_AND_OFFSET = struct.Struct("<IQ")
+_DIMS = [struct.Struct(f"<{n}Q") for n in range(MAX_DIMS + 1)]
+_INT64_LIMIT = 1 << 63
+_UINT8 = np.dtype(np.uint8)
+
+# A tensor-table entry: name, ne (GGML order), GGML type id, data offset
+# relative to the data section, offset of the entry, offset of its ne array.
+_Entry: TypeAlias = tuple[str, tuple[int, ...], int, int, int, int]
+
+
+def read_gguf(path: Path) -> ModelIndex:
+    """Index the GGUF file at ``path`` (opened as given).
+
+    Raises:
+        FormatError: the file is not a well-formed GGUF v2/v3 file.
+        OSError: the file cannot be opened or mapped.
+    """
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        if size == 0:
+            raise FormatError(path, 0, "empty file: no GGUF header")
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _GGUFParser(path, buf).parse()
+
+
+class _GGUFParser:
+    """One pass over a GGUF header; ``pos`` is the next byte to read."""
+
+    __slots__ = ("buf", "items_left", "path", "pos", "size")
+
+    def __init__(self, path: Path, buf: mmap.mmap) -> None:
+        self.path = path
+        self.buf = buf
+        self.size = len(buf)
+        self.pos = 0
+        self.items_left = MAX_ARRAY_ITEMS
+
+    def fail(self, at: int, problem: str) -> NoReturn:
+        raise FormatError(self.path, at, problem)
+
+    def need(self, nbytes: int, what: str) -> None:
+        left = self.size - self.pos
+        if nbytes > left:
+            self.fail(self.pos, f"truncated {what}: needs {nbytes} bytes, {left} left in the file")
+
+    def u32(self, what: str) -> int:
+        self.need(4, what)
+        (value,) = _U32.unpack_from(self.buf, self.pos)
+        self.pos += 4
+        return int(value)
+
+    def u64(self, what: str) -> int:
+        self.need(8, what)
+        (value,) = _U64.unpack_from(self.buf, self.pos)
+        self.pos += 8
+        return int(value)
+
+    def string(self, what: str) -> str:
+        at = self.pos
+        length = self.u64(f"{what} length")
+        left = self.size - self.pos
+        if length > left:
+            self.fail(at, f"{what} length {length} exceeds the {left} bytes left in the file")
+        raw = self.buf[self.pos : self.pos + length]
+        self.pos += length
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self.fail(at + 8 + exc.start, f"{what} is not valid UTF-8")
+
+    # -- header ---------------------------------------------------------------
+
+    def parse(self) -> ModelIndex:
+        self.need(4, "magic")
+        magic = self.buf[0:4]
+        if magic != GGUF_MAGIC:
+            self.fail(0, f"bad magic {magic!r}, expected {GGUF_MAGIC!r}")
+        self.pos = 4
+        version = self.u32("version")
+        if version not in SUPPORTED_VERSIONS:
+            swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+            if swapped in SUPPORTED_VERSIONS:
+                self.fail(4, f"big-endian GGUF (version {swapped}) is not supported")
+            self.fail(4, f"unsupported GGUF version {version} (supported: 2, 3)")
+        n_tensors = self.u64("tensor count")
+        n_kv = self.u64("metadata count")
+        left = self.size - self.pos
+        if n_kv > left // _MIN_KV_SIZE:
+            self.fail(16, f"metadata count {n_kv} is more than the {left} bytes left could hold")
+        if n_tensors > left // _MIN_TENSOR_INFO_SIZE:
+            self.fail(8, f"tensor count {n_tensors} is more than the {left} bytes left could hold")
+
+        metadata, kv_offsets = self.metadata(n_kv)
+        left = self.size - self.pos
+        if n_tensors > left // _MIN_TENSOR_INFO_SIZE:
+            self.fail(
+                8,
+                f"tensor count {n_tensors} is more than the {left} bytes left after "
+                "the metadata could hold",
+            )
+        entries = self.tensor_table(n_tensors)
+        alignment = self.alignment(metadata, kv_offsets)
+        data_start = -(-self.pos // alignment) * alignment
+        tensors = self.place_tensors(entries, data_start, alignment)
+        return ModelIndex(
+            format="gguf",
+            path=self.path,
+            files=((self.path, self.size),),
+            tensors={t.name: t for t in tensors},
+            metadata=metadata,
+        )
+
+    def alignment(self, metadata: dict[str, MetadataValue], kv_offsets: dict[str, int]) -> int:
+        value = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if type(value) is not int or value <= 0 or value & (value - 1):
+            self.fail(
+                kv_offsets["general.alignment"],
+                f"general.alignment must be a non-zero power of two, not {value!r}",
+            )
+        return value
+
+    # -- metadata -------------------------------------------------------------
+
+    def metadata(self, n_kv: int) -> tuple[dict[str, MetadataValue], dict[str, int]]:
+        metadata: dict[str, MetadataValue] = {}
+        offsets: dict[str, int] = {}
+        for _ in range(n_kv):
+            at = self.pos
+            key = self.string("metadata key")
+            if key in metadata:
+                self.fail(at, f"duplicate metadata key {key!r}")
+            type_at = self.pos
+            value_type = self.u32(f"value type of {key!r}")
+            self.items_left = MAX_ARRAY_ITEMS
+            metadata[key] = self.value(value_type, type_at, key)
+            offsets[key] = at
+        return metadata, offsets
+
+    def value(self, value_type: int, type_at: int, key: str) -> MetadataValue:
+        fixed = _FIXED_STRUCTS.get(value_type)
+        if fixed is not None:
+            self.need(fixed.size, f"value of {key!r}")
+            (value,) = fixed.unpack_from(self.buf, self.pos)
+            self.pos += fixed.size
+            return value  # type: ignore[no-any-return]
+        if value_type == _STRING:
+            return self.string(f"value of {key!r}")
+        if value_type == _ARRAY:
+            return self.array(key, 0)
+        self.fail(type_at, f"unknown value type {value_type} for key {key!r}")
+
+    def array_header(self, key: str, depth: int) -> tuple[int, int, int]:
+        """Read an array's element type and count; return ``(at, type, count)``
+        once the count is known to fit in the bytes left."""
+        at = self.pos
+        if depth >= MAX_ARRAY_NESTING:
+            self.fail(at, f"arrays in {key!r} nest deeper than {MAX_ARRAY_NESTING} levels")
+        item_type = self.u32(f"array element type of {key!r}")
+        count = self.u64(f"array length of {key!r}")
+        min_size = _MIN_ITEM_SIZE.get(item_type)
+        if min_size is None:
+            self.fail(at, f"unknown array element type {item_type} in {key!r}")
+        left = self.size - self.pos
+        if count > left // min_size:
+            name = _VALUE_TYPE_NAMES[item_type]
+            self.fail(
+                at + 4,
+                f"array {key!r} of {count} {name} items needs at least "
+                f"{count * min_size} bytes, {left} left in the file",
+            )
+        return at, item_type, count
+
+    def array(self, key: str, depth: int) -> MetadataValue:
+        _, item_type, count = self.array_header(key, depth)
+        start = self.pos
+        if count > self.items_left:
+            self.skip_items(key, item_type, count, depth)
+            return ArraySummary(_VALUE_TYPE_NAMES[item_type], count, start, self.pos - start)
+        self.items_left -= count
+        fixed = _FIXED_VALUE_TYPES.get(item_type)
+        if fixed is not None:
+            _, char, size = fixed
+            items = struct.unpack_from(f"<{count}{char}", self.buf, start)
+            self.pos += count * size
+            return items
+        if item_type == _STRING:
+            return tuple(self.string(f"item of {key!r}") for _ in range(count))
+        return tuple(self.array(key, depth + 1) for _ in range(count))
+
+    def skip_items(self, key: str, item_type: int, count: int, depth: int) -> None:
+        fixed = _FIXED_VALUE_TYPES.get(item_type)
+        if fixed is not None:
+            self.pos += count * fixed[2]  # array_header checked it fits
+        elif item_type == _STRING:
+            self.skip_strings(key, count)
+        else:
+            for _ in range(count):
+                _, inner_type, inner_count = self.array_header(key, depth + 1)
+                self.skip_items(key, inner_type, inner_count, depth + 1)
+
+    def skip_strings(self, key: str, count: int) -> None:
+        """Skip ``count`` length-prefixed strings without decoding them.
+
+        The fast loop only chains length prefixes; a length that jumps past the
+        end makes the next read fail (or the end land beyond the file), and then
+        a checked walk finds the offending string to report it.
+        """
+        buf = self.buf
+        pos = self.pos
+        unpack = _U64.unpack_from
+        try:
+            for _ in range(count):
+                pos += unpack(buf, pos)[0] + 8
+        except (struct.error, OverflowError):
+            pos = self.size + 1
+        if pos > self.size:
+            self.locate_bad_string(key, count)
+        self.pos = pos
+
+    def locate_bad_string(self, key: str, count: int) -> NoReturn:
+        for index in range(count):
+            at = self.pos
+            length = self.u64(f"length of string {index} of {key!r}")
+            left = self.size - self.pos
+            if length > left:
+                self.fail(
+                    at,
+                    f"string {index} of {key!r} has length {length}, {left} bytes left in the file",
+                )
+            self.pos += length
+        raise AssertionError("unreachable: the fast walk overran the file")  # pragma: no cover
+
+    # -- tensors --------------------------------------------------------------
+
+    def tensor_table(self, n_tensors: int) -> list[_Entry]:
+        """Read the tensor infos, checking only that they are all there."""
+        entries: list[_Entry] = []
+        seen: set[str] = set()
+        buf = self.buf
+        for _ in range(n_tensors):
+            at = self.pos
+            name = self.string("tensor name")
+            if name in seen:
+                self.fail(at, f"duplicate tensor name {name!r}")
+            seen.add(name)
+            n_dims = self.u32(f"dimension count of {name!r}")
+            if n_dims > MAX_DIMS:
+                self.fail(
+                    self.pos - 4, f"tensor {name!r} has {n_dims} dimensions, at most {MAX_DIMS}"
+                )
+            self.need(8 * n_dims + 12, f"tensor info of {name!r}")
+            dims_at = self.pos
+            ne = _DIMS[n_dims].unpack_from(buf, dims_at)
+            ggml_type, offset = _TYPE_AND_OFFSET.unpack_from(buf, dims_at + 8 * n_dims)
+            self.pos = dims_at + 8 * n_dims + 12
+            entries.append((name, ne, ggml_type, offset, at, dims_at))
+        return entries
+
+    def place_tensors(
+        self,
+        entries: list[_Entry],
+        data_start: int,
+        alignment: int,
+    ) -> list[TensorInfo]:
+        tensors: list[TensorInfo] = []
+        placed: list[tuple[TensorInfo, int]] = []
+        for name, ne, ggml_type, rel_offset, _, dims_at in entries:
+            type_at = dims_at + 8 * len(ne)
+            offset_at = type_at + 4
+            kind = GGML_TYPES.get(ggml_type)
+            if kind is None:
+                self.fail(type_at, f"tensor {name!r} has unknown GGML type {ggml_type}")
+            n_elements = math.prod(ne)
+            if n_elements >= _INT64_LIMIT or any(d >= _INT64_LIMIT for d in ne):
+                self.fail(dims_at, f"tensor {name!r} dimensions {list(ne)} overflow int64")
+            row = ne[0] if ne else 1
+            if row % kind.block_size:
+                self.fail(
+                    dims_at,
+                    f"tensor {name!r} of type {kind.name} has rows of {row} elements, "
+                    f"not a multiple of the block size {kind.block_size}",
+                )
+            if rel_offset % alignment:
+                self.fail(
+                    offset_at,
+                    f"tensor {name!r} data offset {rel_offset} is not a multiple of "
+                    f"the alignment {alignment}",
+                )
+            nbytes = n_elements // kind.block_size * kind.type_size
+            start = data_start + rel_offset
+            if start + nbytes > self.size:
+                self.fail(
+                    offset_at,
+                    f"tensor {name!r} (bytes {start}..{start + nbytes}) extends past "
+                    f"the end of the file ({self.size} bytes)",
+                )
+            logical_shape = ne[::-1]
+            if kind.dtype is not None:
+                dtype = kind.dtype
+                shape = logical_shape
+            else:
+                dtype = _UINT8
+                shape = (*logical_shape[:-1], row // kind.block_size * kind.type_size)
+            info = TensorInfo(
+                name=name,
+                offset=start,
+                nbytes=nbytes,
+                dtype=dtype,
+                shape=shape,
+                layer=layer_of(name),
+                file_dtype=kind.name,
+                logical_shape=logical_shape,
+            )
+            tensors.append(info)
+            placed.append((info, offset_at))
+        check_no_overlap(self.path, placed)
+        return tensors

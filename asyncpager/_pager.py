@@ -1,0 +1,1079 @@
+"""The Pager: a strict byte budget of resident tensors, single-flight loads, leases.
+
+Single flight and cancellation:
+- A tensor has at most one load in flight (a :class:`LoadFlight`); every acquirer of
+  a tensor that is loading joins it. The pager owns the load task (a strong reference,
+  named ``asyncpager:load:<tensor>``, exception always retrieved); acquirers wait on
+  the flight's future through ``asyncio.shield``, so cancelling one waiter never
+  cancels the load. A load whose waiters all left still completes and becomes
+  resident, unless it had not started reading yet: then its room is passed on at once.
+- A failed load fails every waiter with :class:`SourceError`, leaves nothing resident
+  or reserved behind and is not cached: the next acquire retries. A flight is removed
+  from its tensor only if it is still that tensor's flight (identity check).
+
+Admission (all decisions are synchronous: a decision and its commit never straddle an
+``await``, so no other task can observe or change the state in between):
+- A request (a "ticket": one tensor, or all of an ``acquire_many``/``acquire_layer``)
+  whose tensors are all resident or loading is granted at once: hits and joins never
+  wait behind anyone. One that needs new room is granted if nobody is queued and room
+  can be made by evicting (policy order, never pinned or leased tensors); otherwise it
+  queues, first come first served. Granting takes the leases (and joins) at once, so a
+  granted tensor cannot be evicted before its waiter resumes.
+- See ``_budget.py`` for the accounting invariant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from time import perf_counter_ns
+from types import TracebackType
+from typing import Any, Literal, Self, final
+
+import numpy as np
+
+from ._budget import Entry, EvictionPolicy, SchedulePolicy, distance_guard, make_policy
+from ._budget import plan_evictions as _plan
+from ._errors import BudgetExceeded, PagerClosed, SourceError, TensorNotFound
+from ._lease import AcquireContext, Lease, LeaseGroup
+from ._pool import PAGE, BufferPool, allocate_block, block_capacity, view_start
+from ._schedule import NEVER, Schedule
+from ._sources import Source, split_chunks
+from ._stats import LatencyHistogram, PagerStats
+from ._tensor import TensorInfo
+from ._trace import Tracer
+
+__all__ = ["LoadFlight", "Pager"]
+
+_log = logging.getLogger("asyncpager")
+
+#: Tensors this close in the file are read by one scatter read (the gap is read into
+#: a scratch buffer and discarded): cheaper than a second thread hop (~150 µs ≈ 1 MiB).
+_MAX_GAP = 64 << 10
+#: Prefetch reads go in chunks of this size, one at a time, checking between chunks
+#: that no demand read is waiting, so a demand read waits at most one chunk.
+_PREFETCH_CHUNK = 8 << 20
+#: New blocks at least this large are allocated (and pre-faulted) on an I/O thread.
+_OFFLOOP_ALLOC_BYTES = 256 << 10
+
+Verify = Literal["crc32"] | None
+
+
+class LoadFlight:
+    """One tensor's load in flight, shared by everyone who wants that tensor."""
+
+    __slots__ = ("aborted", "block", "entry", "future", "group", "pending", "started")
+
+    def __init__(self, entry: Entry, future: asyncio.Future[None], group: _LoadGroup) -> None:
+        self.entry = entry
+        self.future = future
+        self.group = group
+        self.pending = 0  # leases to hand over when the load completes
+        self.started = False
+        self.aborted = False
+        self.block: np.ndarray[Any, Any] | None = None
+
+
+class _LoadGroup:
+    """Flights read together by one task (adjacent tensors: one scatter read)."""
+
+    __slots__ = ("flights", "prefetch")
+
+    def __init__(self, prefetch: bool) -> None:
+        self.flights: list[LoadFlight] = []
+        self.prefetch = prefetch
+
+
+_QUEUED, _GRANTED, _DONE, _FAILED, _ABANDONED = range(5)
+
+
+class _Ticket:
+    __slots__ = ("entries", "future", "joined", "leased", "n_hit", "n_joined", "n_miss", "state")
+
+    def __init__(self, entries: Sequence[Entry]) -> None:
+        self.entries = entries
+        self.state = _QUEUED
+        self.future: asyncio.Future[None] | None = None
+        self.leased: list[Entry] = []
+        self.joined: list[LoadFlight] = []
+        self.n_hit = self.n_joined = self.n_miss = 0
+
+
+@final
+class Pager:
+    """Pages tensors of ``source`` into RAM under a strict ``budget_bytes``.
+
+    Args:
+        source: where the bytes are. Closed by the pager only if ``owns_source``.
+        tensors: the tensors (``TensorInfo`` objects, or a mapping of them).
+        budget_bytes: the most memory held for weights (pool slack included).
+        pinned: names never evicted; the budget keeps room for them.
+        prefetch_depth: layers ahead of the acquired one to load in the background.
+        policy: ``"lru"`` or ``"schedule"`` (evict what the decode schedule needs last).
+        schedule: the layer order of one token; default every layer in order.
+        verify: ``"crc32"`` checks each reload against the first read's checksum.
+        trace: record a trace from the start (see ``start_trace``).
+
+    Raises:
+        BudgetExceeded: the pinned tensors do not fit the budget.
+        ValueError: a tensor lies outside the source, or names repeat.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        tensors: Iterable[TensorInfo] | Mapping[str, TensorInfo],
+        *,
+        budget_bytes: int,
+        pinned: Iterable[str] = (),
+        prefetch_depth: int = 0,
+        policy: str = "lru",
+        schedule: Iterable[int] | None = None,
+        verify: Verify = None,
+        trace: bool = False,
+        owns_source: bool = False,
+    ) -> None:
+        if budget_bytes < 0:
+            raise ValueError(f"budget_bytes must be >= 0, not {budget_bytes}")
+        if prefetch_depth < 0:
+            raise ValueError(f"prefetch_depth must be >= 0, not {prefetch_depth}")
+        if verify not in (None, "crc32"):
+            raise ValueError(f"verify must be None or 'crc32', not {verify!r}")
+        infos = list(tensors.values()) if isinstance(tensors, Mapping) else list(tensors)
+        self._source = source
+        self._owns_source = owns_source
+        self._budget = budget_bytes
+        self._align = max(1, source.alignment)
+        self._entries: dict[str, Entry] = {}
+        self._layers: dict[int, list[Entry]] = {}
+        for info in infos:
+            if info.name in self._entries:
+                raise ValueError(f"tensor {info.name!r} is listed twice")
+            if info.offset + info.nbytes > source.size:
+                raise ValueError(
+                    f"tensor {info.name!r} [{info.offset}, {info.end}) lies outside "
+                    f"the source ({source.size} bytes)"
+                )
+            entry = Entry(info, block_capacity(info.offset, info.nbytes, self._align))
+            self._entries[info.name] = entry
+            if info.layer is not None:
+                self._layers.setdefault(info.layer, []).append(entry)
+        for members in self._layers.values():
+            members.sort(key=lambda e: e.info.offset)
+        self._schedule = Schedule(sorted(self._layers) if schedule is None else schedule)
+        self._policy_name = policy
+        self._policy: EvictionPolicy = make_policy(policy, lambda: self._schedule)
+        self._prefetch_depth = prefetch_depth
+        self._verify = verify
+        self._pool = BufferPool()
+        self._scratch = np.empty(_MAX_GAP, np.uint8)
+        self._resident_bytes = 0
+        self._inflight_bytes = 0
+        self._pinned_reserve = 0
+        self._pinned_total = 0
+        self._resident_count = 0
+        self._queue: deque[_Ticket] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._current_layer: int | None = None
+        self._demand_reads = 0
+        self._demand_idle: asyncio.Event | None = None
+        self._closed = False
+        self._close_done: asyncio.Future[None] | None = None
+        self._tracer: Tracer | None = None
+        self.index: Any = None  # the ModelIndex, when opened with ap.open
+        self._reset_counters()
+        for name in pinned:
+            self.pin(name)
+        if trace:
+            self.start_trace()
+
+    def _reset_counters(self) -> None:
+        self._hits = self._misses = self._coalesced = 0
+        self._loads = self._load_errors = self._bytes_read = self._read_calls = 0
+        self._evictions = self._evicted_bytes = self._budget_waits = 0
+        self._pf_issued = self._pf_useful = self._pf_wasted = 0
+        self._pf_late = self._pf_skipped = self._pf_errors = 0
+        self._stall_ns = 0
+        self._checksum_failures = 0
+        self._h_hit = LatencyHistogram()
+        self._h_joined = LatencyHistogram()
+        self._h_miss = LatencyHistogram()
+        self._h_load = LatencyHistogram()
+        self._h_wait = LatencyHistogram()
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def budget_bytes(self) -> int:
+        return self._budget
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes held by resident tensors (leased or not), block slack included."""
+        return self._resident_bytes
+
+    @property
+    def inflight_bytes(self) -> int:
+        """Bytes reserved for loads in flight."""
+        return self._inflight_bytes
+
+    @property
+    def pool_idle_bytes(self) -> int:
+        """Bytes of idle pooled blocks kept for reuse (counted against the budget)."""
+        return self._pool.idle_bytes
+
+    @property
+    def pinned_reserve_bytes(self) -> int:
+        """Room kept for pinned tensors that are neither resident nor loading."""
+        return self._pinned_reserve
+
+    @property
+    def resident_count(self) -> int:
+        return self._resident_count
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def source(self) -> Source:
+        return self._source
+
+    @property
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        return {name: e.info for name, e in self._entries.items()}
+
+    @property
+    def layers(self) -> Mapping[int, list[str]]:
+        return {n: [e.name for e in es] for n, es in sorted(self._layers.items())}
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for room (budget waiters)."""
+        return len(self._queue)
+
+    @property
+    def loads_in_flight(self) -> int:
+        return sum(1 for e in self._entries.values() if e.flight is not None)
+
+    @property
+    def schedule(self) -> tuple[int, ...]:
+        """The layer order of one token, used for prefetch and ``policy="schedule"``."""
+        return self._schedule.order
+
+    @schedule.setter
+    def schedule(self, order: Iterable[int]) -> None:
+        order = tuple(order)
+        unknown = [n for n in order if n not in self._layers]
+        if unknown:
+            raise ValueError(f"schedule names layers the model does not have: {unknown}")
+        self._schedule = Schedule(order)
+        if self._current_layer is not None:
+            self._schedule.advance_to(self._current_layer)
+        if isinstance(self._policy, SchedulePolicy):
+            self._policy.reclassify()
+
+    @property
+    def prefetch_depth(self) -> int:
+        return self._prefetch_depth
+
+    @prefetch_depth.setter
+    def prefetch_depth(self, depth: int) -> None:
+        if depth < 0:
+            raise ValueError(f"prefetch_depth must be >= 0, not {depth}")
+        self._prefetch_depth = depth
+
+    def is_resident(self, name: str) -> bool:
+        return self._entry(name).array is not None
+
+    def is_pinned(self, name: str) -> bool:
+        return self._entry(name).pinned
+
+    def is_loading(self, name: str) -> bool:
+        return self._entry(name).flight is not None
+
+    def lease_count(self, name: str) -> int:
+        return self._entry(name).leases
+
+    def charge_of(self, name: str) -> int:
+        """Bytes the budget charges for this tensor when resident (its block)."""
+        return self._entry(name).charge
+
+    def resident_names(self) -> list[str]:
+        return [n for n, e in self._entries.items() if e.array is not None]
+
+    def stats(self, *, reset: bool = False) -> PagerStats:
+        """A snapshot of the counters and latency distributions; ``reset=True`` zeroes
+        counters and histograms after taking it (gauges are unaffected)."""
+        s = PagerStats(
+            hits=self._hits,
+            misses=self._misses,
+            coalesced=self._coalesced,
+            loads=self._loads,
+            load_errors=self._load_errors,
+            bytes_read=self._bytes_read,
+            read_calls=self._read_calls,
+            evictions=self._evictions,
+            evicted_bytes=self._evicted_bytes,
+            budget_waits=self._budget_waits,
+            budget_bytes=self._budget,
+            resident_bytes=self._resident_bytes,
+            inflight_bytes=self._inflight_bytes,
+            resident_count=self._resident_count,
+            pinned_reserve_bytes=self._pinned_reserve,
+            pool_bytes=self._pool.idle_bytes + self._pooled_in_use(),
+            pool_idle_bytes=self._pool.idle_bytes,
+            pool_recycled=self._pool.recycled,
+            pool_allocated=self._pool.allocated,
+            prefetch_issued=self._pf_issued,
+            prefetch_useful=self._pf_useful,
+            prefetch_wasted=self._pf_wasted,
+            prefetch_late=self._pf_late,
+            prefetch_skipped=self._pf_skipped,
+            prefetch_errors=self._pf_errors,
+            stall_seconds=self._stall_ns / 1e9,
+            checksum_failures=self._checksum_failures,
+            acquire_hit=self._h_hit.summary(),
+            acquire_joined=self._h_joined.summary(),
+            acquire_miss=self._h_miss.summary(),
+            load=self._h_load.summary(),
+            budget_wait=self._h_wait.summary(),
+        )
+        if reset:
+            self._reset_counters()
+        return s
+
+    def histograms(self) -> dict[str, LatencyHistogram]:
+        """The live latency histograms (for exporters): acquire_hit, acquire_joined,
+        acquire_miss, load, budget_wait."""
+        return {
+            "acquire_hit": self._h_hit,
+            "acquire_joined": self._h_joined,
+            "acquire_miss": self._h_miss,
+            "load": self._h_load,
+            "budget_wait": self._h_wait,
+        }
+
+    def _pooled_in_use(self) -> int:
+        return sum(
+            e.charge
+            for e in self._entries.values()
+            if (e.array is not None or e.flight is not None) and e.charge >= PAGE
+        )
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return (
+            f"<Pager {state} budget={self._budget} resident={self._resident_bytes} "
+            f"({self._resident_count} tensors) inflight={self._inflight_bytes} "
+            f"idle_pool={self._pool.idle_bytes} waiting={len(self._queue)}>"
+        )
+
+    # ------------------------------------------------------------------ acquire
+
+    def _entry(self, name: str) -> Entry:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise TensorNotFound(name)
+        return entry
+
+    def acquire(self, name: str, timeout: float | None = None) -> AcquireContext[Lease]:
+        """Lease tensor ``name``, loading it if needed. Await it, use it as ``async
+        with``, or pass it to ``asyncio.create_task``.
+
+        ``timeout`` bounds the whole call (waiting for room and the read).
+        Cancelling the call never cancels a load other callers share; a load that
+        started still completes and becomes resident.
+
+        Raises:
+            TensorNotFound: no such tensor.
+            BudgetExceeded: the tensor can never fit (larger than the budget minus
+                the room reserved for pinned tensors).
+            SourceError: the load failed (every waiter of that load sees it).
+            TimeoutError: ``timeout`` elapsed first.
+            PagerClosed: the pager is or was closed meanwhile.
+        """
+        return AcquireContext(self._acquire_one(name, timeout))
+
+    async def _acquire_one(self, name: str, timeout: float | None) -> Lease:
+        t0 = perf_counter_ns()
+        entry = self._entries.get(name)
+        if entry is None:
+            raise TensorNotFound(name)
+        if self._closed:
+            raise PagerClosed("the pager is closed")
+        if entry.layer is not None and entry.layer != self._current_layer:
+            self._enter_layer(entry.layer)
+        if entry.array is not None:  # the hit path: no await, no allocation but the Lease
+            self._lease_entry(entry)
+            self._hits += 1
+            self._h_hit.record(perf_counter_ns() - t0)
+            return Lease(self, entry)
+        group = await self._acquire_entries((entry,), timeout, t0)
+        return group[name]
+
+    def acquire_many(
+        self, names: Iterable[str], timeout: float | None = None
+    ) -> AcquireContext[LeaseGroup]:
+        """Lease several tensors, all or nothing: room for every missing tensor is
+        reserved in one step and nothing is leased until the whole group is granted,
+        so two groups each holding half of the budget cannot deadlock. Returns a
+        :class:`LeaseGroup` (name -> Lease). Cancellation and ``Raises:`` as
+        :meth:`acquire`."""
+        return AcquireContext(self._acquire_group(list(names), timeout))
+
+    def acquire_layer(self, layer: int, timeout: float | None = None) -> AcquireContext[LeaseGroup]:
+        """Lease every tensor of transformer block ``layer`` (all or nothing, as
+        :meth:`acquire_many`), and start prefetching the next ``prefetch_depth``
+        layers of the schedule.
+
+        Raises:
+            KeyError: the model has no such layer. Otherwise as :meth:`acquire_many`.
+        """
+        if layer not in self._layers:
+            raise KeyError(f"no layer {layer} (layers: {sorted(self._layers)})")
+        return AcquireContext(self._acquire_group([e.name for e in self._layers[layer]], timeout))
+
+    async def _acquire_group(self, names: list[str], timeout: float | None) -> LeaseGroup:
+        t0 = perf_counter_ns()
+        entries = list({name: self._entry(name) for name in names}.values())
+        if self._closed:
+            raise PagerClosed("the pager is closed")
+        for layer in dict.fromkeys(e.layer for e in entries if e.layer is not None):
+            if layer != self._current_layer:
+                self._enter_layer(layer)
+        return await self._acquire_entries(entries, timeout, t0)
+
+    async def _acquire_entries(
+        self, entries: Sequence[Entry], timeout: float | None, t0: int
+    ) -> LeaseGroup:
+        self._check_fits(entries)
+        ticket = _Ticket(entries)
+        waited = False
+        try:
+            if not self._admit(ticket):
+                waited = True
+                self._budget_waits += 1
+                ticket.future = asyncio.get_running_loop().create_future()
+                self._queue.append(ticket)
+                if self._tracer is not None:
+                    self._tracer.instant("budget_wait", names=[e.name for e in entries[:8]])
+            if timeout is None:
+                await self._wait_granted(ticket, waited)
+            else:
+                async with asyncio.timeout(timeout):
+                    await self._wait_granted(ticket, waited)
+        except BaseException:
+            self._abandon(ticket)
+            raise
+        ticket.state = _DONE
+        elapsed = perf_counter_ns() - t0
+        self._hits += ticket.n_hit
+        self._coalesced += ticket.n_joined
+        self._misses += ticket.n_miss
+        if ticket.n_miss:
+            self._h_miss.record(elapsed)
+        elif ticket.n_joined:
+            self._h_joined.record(elapsed)
+        else:
+            self._h_hit.record(elapsed)
+        if ticket.n_miss or ticket.n_joined or waited:
+            self._stall_ns += elapsed
+        return LeaseGroup((e.name, Lease(self, e)) for e in entries)
+
+    async def _wait_granted(self, ticket: _Ticket, waited: bool) -> None:
+        if ticket.future is not None:
+            tq = perf_counter_ns()
+            await ticket.future
+            self._h_wait.record(perf_counter_ns() - tq)
+        for flight in ticket.joined:
+            if not flight.future.done():
+                await asyncio.shield(flight.future)
+            else:
+                flight.future.result()
+
+    def _check_fits(self, entries: Sequence[Entry]) -> None:
+        unpinned = sum(e.charge for e in entries if not e.pinned)
+        room = self._budget - self._pinned_total
+        if unpinned > room:
+            what = entries[0].name if len(entries) == 1 else f"{len(entries)} tensors"
+            raise BudgetExceeded(
+                f"{what} need {unpinned} bytes but the budget is {self._budget} bytes "
+                f"with {self._pinned_total} reserved for pinned tensors"
+            )
+
+    # ------------------------------------------------------------------ admission
+
+    def _free_bytes(self, own_reserve: int = 0) -> int:
+        """Room not held by anything, idle pool blocks counted as free (they are
+        dropped on demand)."""
+        return (
+            self._budget
+            - self._resident_bytes
+            - self._inflight_bytes
+            - (self._pinned_reserve - own_reserve)
+        )
+
+    def _admit(self, ticket: _Ticket) -> bool:
+        """Grant ``ticket`` now if it may be: claims leases and joins, starts loads."""
+        missing = [e for e in ticket.entries if e.array is None and e.flight is None]
+        if missing:
+            # FIFO for shared room; a pinned tensor loads into its own reserved room,
+            # which takes nothing from anyone queued.
+            shared = any(not e.pinned for e in missing)
+            if shared and self._queue and self._queue[0] is not ticket:
+                return False
+            blocks = self._reserve(missing, None)
+            if blocks is None:
+                return False
+            self._start_loads(missing, blocks, prefetch=False)
+            ticket.n_miss = len(missing)
+        self._admit_claims(ticket)
+        return True
+
+    def _admit_claims(self, ticket: _Ticket) -> None:
+        """Take the ticket's leases (resident tensors) and joins (loading ones)."""
+        for e in ticket.entries:
+            if e.array is not None:
+                self._lease_entry(e)
+                ticket.leased.append(e)
+                ticket.n_hit += 1
+            else:
+                flight = e.flight
+                assert flight is not None
+                flight.pending += 1
+                ticket.joined.append(flight)
+                if flight.group.prefetch:
+                    # A demand read joined a prefetch: it is late; read it at full speed.
+                    flight.group.prefetch = False
+                    self._pf_late += 1
+                    self._wake_prefetch()
+        ticket.n_joined = len(ticket.joined) - ticket.n_miss
+        ticket.state = _GRANTED
+
+    def _reserve(
+        self, missing: Sequence[Entry], allowed: Callable[[Entry], bool] | None
+    ) -> list[np.ndarray[Any, Any] | None] | None:
+        """Make room for ``missing`` (evicting as planned) and move it to in-flight.
+        Returns the recycled block for each entry (None: allocate a new one), or
+        None, changing nothing, when the room cannot be made now."""
+        need = sum(e.charge for e in missing)
+        own_reserve = sum(e.charge for e in missing if e.pinned)
+        victims = _plan(need, self._free_bytes(own_reserve), self._policy.victims(), allowed)
+        if victims is None:
+            return None
+        for victim in victims:
+            self._evict(victim)
+        blocks = [self._pool.take(e.charge) for e in missing]
+        self._pinned_reserve -= own_reserve
+        self._inflight_bytes += need
+        excess = self._resident_bytes + self._inflight_bytes + self._pinned_reserve
+        excess += self._pool.idle_bytes - self._budget
+        if excess > 0:
+            self._pool.drop(excess)
+        return blocks
+
+    def _start_loads(
+        self,
+        missing: Sequence[Entry],
+        blocks: Sequence[np.ndarray[Any, Any] | None],
+        prefetch: bool,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        runs: list[_LoadGroup] = []
+        last_end = -1
+        ordered = sorted(zip(missing, blocks, strict=True), key=lambda p: p[0].info.offset)
+        for e, block in ordered:
+            gap = e.info.offset - last_end
+            if not runs or self._align > 1 or not 0 <= gap <= _MAX_GAP:
+                runs.append(_LoadGroup(prefetch))
+            flight = LoadFlight(e, loop.create_future(), runs[-1])
+            flight.block = block
+            e.flight = flight
+            runs[-1].flights.append(flight)
+            last_end = e.info.end
+        for group in runs:
+            first = group.flights[0].entry.name
+            more = f"+{len(group.flights) - 1}" if len(group.flights) > 1 else ""
+            kind = "prefetch" if prefetch else "load"
+            task = loop.create_task(self._load(group), name=f"asyncpager:{kind}:{first}{more}")
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            _log.error("asyncpager: internal error in %s", task.get_name(), exc_info=exc)
+
+    def _pump(self) -> None:
+        """Grant queued tickets in order while the one at the head fits."""
+        queue = self._queue
+        while queue:
+            ticket = queue[0]
+            if not self._admit(ticket):
+                break
+            queue.popleft()
+            assert ticket.future is not None
+            ticket.future.set_result(None)
+        # Behind a blocked head, requests whose tensors all became resident or
+        # loading meanwhile need no room: they never wait behind anyone.
+        for ticket in list(queue)[1:]:
+            if all(e.array is not None or e.flight is not None for e in ticket.entries):
+                queue.remove(ticket)
+                self._admit_claims(ticket)
+                assert ticket.future is not None
+                ticket.future.set_result(None)
+
+    def _abandon(self, ticket: _Ticket) -> None:
+        """The acquirer left (cancelled, timed out or failed): give back what the
+        ticket holds, all of it, now."""
+        state, ticket.state = ticket.state, _ABANDONED
+        if state == _QUEUED:
+            with contextlib.suppress(ValueError):
+                self._queue.remove(ticket)
+        elif state == _GRANTED:
+            for e in ticket.leased:
+                self._release_entry(e)
+            for flight in ticket.joined:
+                fut = flight.future
+                if fut.done():
+                    if not fut.cancelled() and fut.exception() is None:
+                        self._release_entry(flight.entry)
+                else:
+                    flight.pending -= 1
+                    if flight.pending == 0 and not flight.started and not flight.group.prefetch:
+                        self._abort_flight(flight)
+        if not self._closed:
+            self._pump()
+
+    def _abort_flight(self, flight: LoadFlight) -> None:
+        """Undo a load nobody wants that has not started reading: its room goes
+        back at once."""
+        flight.aborted = True
+        e = flight.entry
+        if e.flight is flight:
+            e.flight = None
+        self._inflight_bytes -= e.charge
+        if e.pinned:
+            self._pinned_reserve += e.charge
+        if flight.block is not None:
+            self._pool.give(flight.block)
+            flight.block = None
+        flight.future.cancel()
+
+    # ------------------------------------------------------------------ leases and eviction
+
+    def _lease_entry(self, e: Entry) -> None:
+        if e.leases == 0 and not e.pinned:
+            self._policy.remove(e)
+        e.leases += 1
+        if e.prefetched:
+            e.prefetched = False
+            self._pf_useful += 1
+
+    def _release_entry(self, e: Entry) -> None:
+        if e.leases <= 0:
+            return
+        e.leases -= 1
+        if e.leases == 0 and not e.pinned and e.array is not None:
+            self._policy.add(e)
+            if self._queue and not self._closed:
+                self._pump()
+
+    def _evict(self, e: Entry) -> None:
+        self._policy.remove(e)
+        self._resident_bytes -= e.charge
+        self._resident_count -= 1
+        self._evictions += 1
+        self._evicted_bytes += e.charge
+        if e.prefetched:
+            e.prefetched = False
+            self._pf_wasted += 1
+        if e.block is not None:
+            self._pool.give(e.block)
+        e.array = None
+        e.block = None
+        if self._tracer is not None:
+            self._tracer.instant("evict", tensor=e.name, bytes=e.charge)
+
+    # ------------------------------------------------------------------ pins
+
+    def pin(self, name: str) -> None:
+        """Never evict ``name``; keep room for it in the budget whether loaded or not.
+
+        Raises:
+            TensorNotFound: no such tensor.
+            BudgetExceeded: the pinned tensors would exceed the budget.
+        """
+        e = self._entry(name)
+        if e.pinned:
+            return
+        if self._pinned_total + e.charge > self._budget:
+            raise BudgetExceeded(
+                f"pinning {name!r} ({e.charge} bytes) would reserve "
+                f"{self._pinned_total + e.charge} bytes for pinned tensors, over the "
+                f"budget of {self._budget} bytes"
+            )
+        if e.array is not None and e.leases == 0:
+            self._policy.remove(e)
+        e.pinned = True
+        self._pinned_total += e.charge
+        if e.array is None and e.flight is None:
+            self._pinned_reserve += e.charge
+        self._fail_impossible_waiters()
+
+    def unpin(self, name: str) -> None:
+        """Let ``name`` be evicted again and release the room kept for it."""
+        e = self._entry(name)
+        if not e.pinned:
+            return
+        e.pinned = False
+        self._pinned_total -= e.charge
+        if e.array is not None:
+            if e.leases == 0:
+                self._policy.add(e)
+        elif e.flight is None:
+            self._pinned_reserve -= e.charge
+        if not self._closed:
+            self._pump()
+
+    def _fail_impossible_waiters(self) -> None:
+        for ticket in list(self._queue):
+            try:
+                self._check_fits(ticket.entries)
+            except BudgetExceeded as exc:
+                self._queue.remove(ticket)
+                ticket.state = _FAILED
+                assert ticket.future is not None
+                ticket.future.set_exception(exc)
+        if not self._closed:
+            self._pump()
+
+    # ------------------------------------------------------------------ prefetch
+
+    def prefetch(self, names: Iterable[str]) -> None:
+        """Hint: load ``names`` in the background at low priority; returns at once.
+
+        A prefetch never waits for room, never jumps the queue of waiting requests,
+        and never evicts a tensor the schedule needs before the one it loads; when
+        there is no such room it is skipped (``stats().prefetch_skipped``).
+
+        Raises:
+            TensorNotFound: a name is unknown.
+        """
+        entries = [self._entry(n) for n in names]
+        if self._closed:
+            return
+        self._prefetch_entries(entries)
+
+    def _enter_layer(self, layer: int) -> None:
+        self._current_layer = layer
+        self._schedule.advance_to(layer)
+        if self._prefetch_depth and not self._closed:
+            for ahead in self._schedule.upcoming(self._prefetch_depth):
+                if ahead != layer:
+                    self._prefetch_entries(self._layers.get(ahead, ()))
+
+    def _prefetch_entries(self, entries: Iterable[Entry]) -> None:
+        missing = [e for e in entries if e.array is None and e.flight is None]
+        if not missing:
+            return
+        if self._queue:  # demand requests are waiting for room: never take it from them
+            self._pf_skipped += len(missing)
+            return
+        target = min(self._schedule.distance(e.layer) for e in missing)
+        allowed = distance_guard(self._schedule, target) if target != NEVER else None
+        fitting = [e for e in missing if not self._would_never_fit(e)]
+        blocks = self._reserve(fitting, allowed)
+        if blocks is None:
+            # Not all of it fits: take what does, in file order (still batched).
+            admitted: list[Entry] = []
+            blocks = []
+            for e in fitting:
+                got = self._reserve((e,), allowed)
+                if got is not None:
+                    admitted.append(e)
+                    blocks.extend(got)
+            fitting = admitted
+        self._pf_skipped += len(missing) - len(fitting)
+        if fitting:
+            self._pf_issued += len(fitting)
+            self._start_loads(fitting, blocks, prefetch=True)
+            for e in fitting:
+                self._source.advise_willneed(e.info.offset, e.info.nbytes)
+
+    def _would_never_fit(self, e: Entry) -> bool:
+        return not e.pinned and e.charge > self._budget - self._pinned_total
+
+    def _wake_prefetch(self) -> None:
+        if self._demand_idle is not None:
+            self._demand_idle.set()
+
+    # ------------------------------------------------------------------ loading
+
+    async def _load(self, group: _LoadGroup) -> None:
+        flights = [f for f in group.flights if not f.aborted]
+        if not flights:
+            return
+        for f in flights:
+            f.started = True
+        t0 = perf_counter_ns()
+        tracer = self._tracer
+        demand = not group.prefetch
+        if demand:
+            self._demand_reads += 1
+        try:
+            try:
+                await self._allocate_blocks(flights)
+                await self._read_group(group, flights)
+                if self._verify:
+                    await self._check_sums(flights)
+            finally:
+                if demand:
+                    self._demand_reads -= 1
+                    if self._demand_reads == 0:
+                        self._wake_prefetch()
+        except asyncio.CancelledError:
+            self._finish_failed(flights, PagerClosed("the pager was closed during the load"))
+            return
+        except Exception as exc:
+            self._finish_failed(flights, exc)
+            return
+        self._h_load.record(perf_counter_ns() - t0)
+        if tracer is not None:
+            tracer.complete(
+                "prefetch" if group.prefetch else "load",
+                t0,
+                tensor=flights[0].entry.name,
+                tensors=len(flights),
+                bytes=sum(f.entry.info.nbytes for f in flights),
+            )
+        self._finish_ok(flights, group.prefetch)
+
+    async def _allocate_blocks(self, flights: list[LoadFlight]) -> None:
+        todo = [f for f in flights if f.block is None]
+        if not todo:
+            return
+        capacities = [f.entry.charge for f in todo]
+        executor = self._source.executor
+        if executor is not None and sum(capacities) >= _OFFLOOP_ALLOC_BYTES:
+            loop = asyncio.get_running_loop()
+            blocks = await loop.run_in_executor(
+                executor, lambda: [allocate_block(c) for c in capacities]
+            )
+        else:
+            blocks = [allocate_block(c) for c in capacities]
+        for f, b in zip(todo, blocks, strict=True):
+            f.block = b
+            if b.nbytes >= PAGE:
+                self._pool.allocated += 1
+                self._pool.allocated_bytes += b.nbytes
+
+    def _destination(self, f: LoadFlight) -> tuple[int, memoryview]:
+        """The file offset to read from and the buffer to read into, for one flight
+        (the aligned superset of the tensor's range under O_DIRECT)."""
+        info = f.entry.info
+        block = f.block
+        assert block is not None
+        if self._align > 1:
+            start = info.offset - info.offset % self._align
+            return start, block.data
+        shift = view_start(info.offset) if block.nbytes >= PAGE else 0
+        return info.offset, block.data[shift : shift + info.nbytes]
+
+    async def _read_group(self, group: _LoadGroup, flights: list[LoadFlight]) -> None:
+        if self._align > 1:
+            for f in flights:
+                offset, dest = self._destination(f)
+                await self._read(group, offset, [dest])
+            return
+        bufs: list[memoryview] = []
+        start = flights[0].entry.info.offset
+        cursor = start
+        for f in flights:
+            offset, dest = self._destination(f)
+            if offset > cursor:
+                bufs.append(self._scratch.data[: offset - cursor])
+            bufs.append(dest)
+            cursor = offset + dest.nbytes
+        await self._read(group, start, bufs)
+
+    async def _read(self, group: _LoadGroup, offset: int, bufs: list[memoryview]) -> None:
+        total = sum(b.nbytes for b in bufs)
+        if not group.prefetch or total <= _PREFETCH_CHUNK:
+            if group.prefetch:
+                await self._wait_demand_idle(group)
+            await self._timed_read(offset, bufs, total)
+            return
+        # A prefetch: one chunk at a time, yielding to demand reads between chunks.
+        for job_offset, job in split_chunks(offset, bufs, _PREFETCH_CHUNK):
+            await self._wait_demand_idle(group)
+            await self._timed_read(job_offset, job, sum(b.nbytes for b in job))
+
+    async def _timed_read(self, offset: int, bufs: list[memoryview], total: int) -> None:
+        tracer = self._tracer
+        t0 = perf_counter_ns() if tracer is not None else 0
+        if len(bufs) == 1:
+            await self._source.read_into(offset, bufs[0])
+        else:
+            await self._source.readv_into(offset, bufs)
+        self._bytes_read += total
+        self._read_calls += 1
+        if tracer is not None:
+            tracer.complete("read", t0, offset=offset, bytes=total, iovecs=len(bufs))
+
+    async def _wait_demand_idle(self, group: _LoadGroup) -> None:
+        while group.prefetch and self._demand_reads:
+            if self._demand_idle is None:
+                self._demand_idle = asyncio.Event()
+            self._demand_idle.clear()
+            await self._demand_idle.wait()
+
+    async def _check_sums(self, flights: list[LoadFlight]) -> None:
+        for f in flights:
+            offset, dest = self._destination(f)
+            info = f.entry.info
+            view = dest[info.offset - offset : info.offset - offset + info.nbytes]
+            crc = zlib.crc32(view)
+            e = f.entry
+            if e.checksum is None:
+                e.checksum = crc
+            elif e.checksum != crc:
+                self._checksum_failures += 1
+                raise SourceError(
+                    f"{info.name}: crc32 {crc:#010x} of the bytes read differs from "
+                    f"{e.checksum:#010x} read before: the file changed underneath"
+                )
+
+    def _finish_ok(self, flights: list[LoadFlight], prefetch: bool) -> None:
+        for f in flights:
+            e = f.entry
+            offset, dest = self._destination(f)
+            info = e.info
+            raw = np.frombuffer(dest, np.uint8)[info.offset - offset :][: info.nbytes]
+            array = raw.view(info.dtype).reshape(info.shape or (-1,))
+            array.flags.writeable = False
+            if e.flight is f:
+                e.flight = None
+            self._inflight_bytes -= e.charge
+            e.array = array
+            e.block = f.block
+            self._resident_bytes += e.charge
+            self._resident_count += 1
+            e.leases += f.pending
+            e.prefetched = prefetch and f.pending == 0
+            if e.leases == 0 and not e.pinned:
+                self._policy.add(e)
+            self._loads += 1
+            if not f.future.done():
+                f.future.set_result(None)
+        if self._queue and not self._closed:
+            self._pump()
+
+    def _finish_failed(self, flights: list[LoadFlight], exc: BaseException) -> None:
+        if isinstance(exc, SourceError | PagerClosed):
+            error: BaseException = exc
+        else:
+            error = SourceError(f"loading {flights[0].entry.name!r} failed: {exc!r}")
+            error.__cause__ = exc
+        prefetch = flights[0].group.prefetch
+        for f in flights:
+            e = f.entry
+            if e.flight is f:
+                e.flight = None
+            self._inflight_bytes -= e.charge
+            if e.pinned:
+                self._pinned_reserve += e.charge
+            if f.block is not None:
+                self._pool.give(f.block)
+                f.block = None
+            if not isinstance(error, PagerClosed):
+                self._load_errors += 1
+            if not f.future.done():
+                f.future.set_exception(error)
+                f.future.exception()  # retrieved: waiters may all have left
+        if prefetch and not isinstance(error, PagerClosed):
+            self._pf_errors += 1
+            _log.warning("asyncpager: prefetch of %s failed: %s", flights[0].entry.name, error)
+        if self._queue and not self._closed:
+            self._pump()
+
+    # ------------------------------------------------------------------ tracing
+
+    def start_trace(self) -> None:
+        """Start recording spans (loads, reads, evictions, waits, user spans)."""
+        if self._tracer is None:
+            self._tracer = Tracer()
+
+    def stop_trace(self, path: str | None = None) -> list[dict[str, Any]]:
+        """Stop recording; write the Chrome trace-event JSON to ``path`` if given
+        (Perfetto and chrome://tracing open it). Returns the events."""
+        tracer, self._tracer = self._tracer, None
+        if tracer is None:
+            return []
+        if path is not None:
+            tracer.write(path)
+        return tracer.events
+
+    def span(self, name: str, **args: Any) -> contextlib.AbstractContextManager[None]:
+        """A user span in the trace (``with pager.span("compute", layer=n): ...``);
+        free when tracing is off."""
+        if self._tracer is None:
+            return contextlib.nullcontext()
+        return self._tracer.span(name, **args)
+
+    async def drain(self) -> None:
+        """Wait until no load or prefetch is in flight (quiescence). Cancelling the
+        caller does not cancel the loads."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+
+    # ------------------------------------------------------------------ close
+
+    async def close(self) -> None:
+        """Close the pager: new acquires raise :class:`PagerClosed`, waiters for room
+        and for loads in flight get :class:`PagerClosed`, background loads are
+        cancelled and waited for, and sources the pager opened are closed.
+        Idempotent; leases already held keep their arrays."""
+        if self._close_done is not None:
+            await asyncio.shield(self._close_done)
+            return
+        self._close_done = asyncio.get_running_loop().create_future()
+        self._closed = True
+        try:
+            closed = PagerClosed("the pager was closed")
+            for ticket in self._queue:
+                ticket.state = _FAILED
+                if ticket.future is not None and not ticket.future.done():
+                    ticket.future.set_exception(closed)
+            self._queue.clear()
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            # A load task cancelled before it ever ran could not fail its flights.
+            for e in self._entries.values():
+                if e.flight is not None:
+                    self._finish_failed([e.flight], closed)
+            self._pool.clear()
+            if self._owns_source:
+                self._source.close()
+        finally:
+            self._close_done.set_result(None)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

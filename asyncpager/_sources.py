@@ -1,0 +1,477 @@
+"""Sources: where a tensor's bytes live, and how they are copied into a buffer.
+
+Invariants:
+- ``read_into``/``readv_into`` either fill every byte of the destination(s) or raise
+  :class:`SourceError` (a short read or end of file included). A destination is never
+  written after the call has returned or raised: reads that run on worker threads are
+  waited for, even when the awaiting task is cancelled, so a buffer can be recycled
+  the moment the call ends.
+- A :class:`FileSource` holds ONE descriptor for its whole life and reads with
+  positional ``os.preadv`` on its own bounded executor (``io_workers`` threads), never
+  on the event loop and never on the loop's default executor.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import logging
+import mmap
+import os
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import numpy as np
+
+from ._errors import SourceError
+
+__all__ = [
+    "AiofilesSource",
+    "FileSource",
+    "MemorySource",
+    "MmapSource",
+    "MultiFileSource",
+    "Source",
+]
+
+_log = logging.getLogger("asyncpager")
+_T = TypeVar("_T")
+
+#: Reads are split into chunks of about this many bytes so that two or more are in
+#: flight on the executor (PERFORMANCE.md: 2 threads read 1.25-1.54x faster than 1).
+DEFAULT_CHUNK_BYTES = 4 << 20
+#: Linux's IOV_MAX: the most buffers one preadv may scatter into.
+_IOV_MAX = 1024
+DIRECT_IO_ALIGNMENT = 4096
+
+
+class Source(abc.ABC):
+    """Where the bytes live. Subclasses implement :meth:`read_into`.
+
+    ``alignment`` is the granularity a source needs for offsets, lengths and buffer
+    addresses (1 for ordinary sources, 4096 for O_DIRECT). ``executor`` is the
+    bounded pool a source runs blocking work on, or ``None`` when it reads inline.
+    Sources are context managers; :meth:`close` is idempotent.
+    """
+
+    size: int
+    alignment: int = 1
+    executor: concurrent.futures.Executor | None = None
+
+    @abc.abstractmethod
+    async def read_into(self, offset: int, out: memoryview) -> None:
+        """Fill ``out`` with the bytes at ``offset``.
+
+        Raises:
+            SourceError: the read failed or hit the end of the source.
+        """
+
+    async def readv_into(self, offset: int, outs: Sequence[memoryview]) -> None:
+        """Fill ``outs`` in order with the contiguous bytes starting at ``offset``
+        (a scatter read). The default reads each buffer in turn.
+
+        Raises:
+            SourceError: the read failed or hit the end of the source.
+        """
+        for out in outs:
+            await self.read_into(offset, out)
+            offset += out.nbytes
+
+    def advise_willneed(self, offset: int, length: int) -> None:  # noqa: B027
+        """Hint that ``[offset, offset+length)`` will be read soon. Default: nothing."""
+
+    def close(self) -> None:  # noqa: B027
+        """Release the source's resources. Idempotent; the default does nothing."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or offset + length > self.size:
+            raise SourceError(
+                f"{self!r}: read of {length} bytes at offset {offset} is outside "
+                f"the source ({self.size} bytes)"
+            )
+
+
+class MemorySource(Source):
+    """Bytes already in memory (``bytes``, ``bytearray``, ``memoryview`` or ndarray);
+    reads are plain copies on the event loop thread."""
+
+    def __init__(self, buffer: bytes | bytearray | memoryview | np.ndarray[Any, Any]) -> None:
+        if isinstance(buffer, np.ndarray):
+            buffer = np.ascontiguousarray(buffer).reshape(-1).view(np.uint8).data
+        self._view = memoryview(buffer).cast("B")
+        self.size = self._view.nbytes
+
+    async def read_into(self, offset: int, out: memoryview) -> None:
+        self._check_range(offset, out.nbytes)
+        out[:] = self._view[offset : offset + out.nbytes]
+
+    def __repr__(self) -> str:
+        return f"MemorySource({self.size} bytes)"
+
+
+def _preadv_exact(fd: int, outs: Sequence[memoryview], offset: int, eof_ok_at: int) -> None:
+    """Blocking: fill ``outs`` from ``fd`` at ``offset``; a read that stops early raises,
+    unless it stopped at or past ``eof_ok_at`` (the O_DIRECT tail past the file end)."""
+    pending = list(outs)
+    while pending:
+        got = os.preadv(fd, pending[:_IOV_MAX], offset)
+        if got == 0:
+            if offset >= eof_ok_at:
+                return
+            raise EOFError(f"end of file at offset {offset}")
+        offset += got
+        while pending and got >= pending[0].nbytes:
+            got -= pending[0].nbytes
+            pending.pop(0)
+        if got:
+            pending[0] = pending[0][got:]
+
+
+def split_chunks(
+    offset: int, outs: Sequence[memoryview], chunk_bytes: int
+) -> list[tuple[int, list[memoryview]]]:
+    """Cut a scatter read into jobs of about ``chunk_bytes`` each (buffers are sliced,
+    never copied), each job at most IOV_MAX buffers."""
+    jobs: list[tuple[int, list[memoryview]]] = []
+    job: list[memoryview] = []
+    job_offset = offset
+    job_bytes = 0
+    for out in outs:
+        view = out
+        while view.nbytes:
+            take = min(view.nbytes, chunk_bytes - job_bytes)
+            job.append(view[:take])
+            job_bytes += take
+            view = view[take:]
+            if job_bytes >= chunk_bytes or len(job) >= _IOV_MAX:
+                jobs.append((job_offset, job))
+                job_offset += job_bytes
+                job, job_bytes = [], 0
+    if job:
+        jobs.append((job_offset, job))
+    return jobs
+
+
+async def _run_all(
+    executor: concurrent.futures.Executor, calls: Sequence[Callable[[], _T]]
+) -> list[_T]:
+    """Run blocking calls on ``executor`` and wait for all of them.
+
+    On error or cancellation, calls not yet started are cancelled and the running
+    ones are waited for (synchronously: at most one chunk's time) before raising,
+    so no thread is still writing into a caller's buffer once this returns.
+    """
+    futures = [executor.submit(call) for call in calls]
+    try:
+        return [await asyncio.wrap_future(f) for f in futures]
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        concurrent.futures.wait(futures)
+        raise
+
+
+class FileSource(Source):
+    """A file read with positional ``os.preadv`` on one descriptor, off the event loop.
+
+    ``io_workers`` threads (default 2: both cores of this machine's kind) run the
+    reads; reads larger than ``chunk_bytes`` are split so several are in flight.
+    ``direct_io=True`` opens the file with O_DIRECT (Linux): reads bypass the page
+    cache, so a budgeted pager does not keep a second copy of every weight in it.
+    Where the filesystem refuses O_DIRECT, the source falls back to buffered reads,
+    logs why, and reports ``direct_io_active = False``.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        io_workers: int = 2,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        direct_io: bool = False,
+        executor: concurrent.futures.Executor | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.chunk_bytes = max(DIRECT_IO_ALIGNMENT, chunk_bytes)
+        self.direct_io_active = False
+        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+        self._fd = -1
+        if direct_io:
+            o_direct = getattr(os, "O_DIRECT", 0)
+            if not o_direct:
+                _log.warning("%s: O_DIRECT is not available here; using buffered reads", path)
+            else:
+                try:
+                    self._fd = os.open(self.path, flags | o_direct)
+                    self.direct_io_active = True
+                    self.alignment = DIRECT_IO_ALIGNMENT
+                except OSError as exc:
+                    _log.warning(
+                        "%s: the filesystem refused O_DIRECT (%s); using buffered reads",
+                        path,
+                        exc.strerror,
+                    )
+        try:
+            if self._fd < 0:
+                self._fd = os.open(self.path, flags)
+            self.size = os.fstat(self._fd).st_size
+        except OSError as exc:
+            raise SourceError(f"{path}: cannot open: {exc.strerror}") from exc
+        self._own_executor = executor is None
+        self.executor = executor or concurrent.futures.ThreadPoolExecutor(
+            max_workers=io_workers, thread_name_prefix="asyncpager-io"
+        )
+        self._lock = threading.Lock()
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    async def read_into(self, offset: int, out: memoryview) -> None:
+        await self.readv_into(offset, (out,))
+
+    async def readv_into(self, offset: int, outs: Sequence[memoryview]) -> None:
+        total = sum(o.nbytes for o in outs)
+        if self.direct_io_active:
+            eof_ok_at = self.size  # the aligned tail past the end comes back short
+            if offset < 0 or (offset >= self.size and total):
+                self._check_range(offset, total)
+        else:
+            eof_ok_at = offset + total + 1
+            self._check_range(offset, total)
+        fd = self._fd
+        if fd < 0:
+            raise SourceError(f"{self.path}: source is closed")
+        executor = self.executor
+        assert executor is not None
+        jobs = split_chunks(offset, outs, self.chunk_bytes)
+        try:
+            await _run_all(
+                executor,
+                [functools.partial(_preadv_exact, fd, bufs, o, eof_ok_at) for o, bufs in jobs],
+            )
+        except (OSError, EOFError, ValueError, RuntimeError) as exc:
+            raise SourceError(
+                f"{self.path}: read of {total} bytes at offset {offset} failed: {exc}"
+            ) from exc
+
+    def close(self) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, -1
+        if fd < 0:
+            return
+        if self._own_executor and self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+        os.close(fd)
+
+    def __repr__(self) -> str:
+        mode = ", direct_io" if self.direct_io_active else ""
+        return f"FileSource({str(self.path)!r}{mode})"
+
+
+class MultiFileSource(Source):
+    """Several files read as one (a sharded checkpoint): file k's bytes start at the
+    sum of the sizes of files 0..k-1. The files share one bounded executor."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike[str]], *, io_workers: int = 2) -> None:
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=io_workers, thread_name_prefix="asyncpager-io"
+        )
+        self._files: list[FileSource] = []
+        try:
+            for p in paths:
+                self._files.append(FileSource(p, executor=self.executor))
+        except BaseException:
+            self.close()
+            raise
+        self._starts: list[int] = []
+        start = 0
+        for f in self._files:
+            self._starts.append(start)
+            start += f.size
+        self.size = start
+
+    async def read_into(self, offset: int, out: memoryview) -> None:
+        await self.readv_into(offset, (out,))
+
+    async def readv_into(self, offset: int, outs: Sequence[memoryview]) -> None:
+        self._check_range(offset, sum(o.nbytes for o in outs))
+        # Split at file boundaries; tensors of a checkpoint never span shards, so in
+        # practice this is one call.
+        pieces: list[tuple[FileSource, int, list[memoryview]]] = []
+        for out in outs:
+            view = out
+            while view.nbytes:
+                k = max(i for i, s in enumerate(self._starts) if s <= offset)
+                f = self._files[k]
+                local = offset - self._starts[k]
+                take = min(view.nbytes, f.size - local)
+                if pieces and pieces[-1][0] is f and _end(pieces[-1]) == local:
+                    pieces[-1][2].append(view[:take])
+                else:
+                    pieces.append((f, local, [view[:take]]))
+                view = view[take:]
+                offset += take
+        for f, local, bufs in pieces:
+            await f.readv_into(local, bufs)
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+        self._files = []
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def __repr__(self) -> str:
+        return f"MultiFileSource({[str(f.path) for f in self._files]!r})"
+
+
+def _end(piece: tuple[FileSource, int, list[memoryview]]) -> int:
+    return piece[1] + sum(b.nbytes for b in piece[2])
+
+
+class MmapSource(Source):
+    """A file mapped into memory; reads copy out of the mapping into the caller's
+    buffer (fast on warm pages), on a small executor for large copies so that a
+    cold page fault never blocks the event loop. :meth:`advise_willneed` asks the
+    kernel to read ahead (``madvise(MADV_WILLNEED)``)."""
+
+    _INLINE_BYTES = 256 << 10
+
+    def __init__(self, path: str | os.PathLike[str], *, io_workers: int = 2) -> None:
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                self.size = os.fstat(f.fileno()).st_size
+                self._mm: mmap.mmap | None = (
+                    mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None
+                )
+        except OSError as exc:
+            raise SourceError(f"{path}: cannot map: {exc.strerror}") from exc
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=io_workers, thread_name_prefix="asyncpager-mmap"
+        )
+        self._closed = False
+
+    def _copy(self, offset: int, out: memoryview) -> None:
+        mm = self._mm
+        if mm is None or self._closed:
+            raise SourceError(f"{self.path}: source is closed")
+        with memoryview(mm) as whole:
+            out[:] = whole[offset : offset + out.nbytes]
+
+    async def read_into(self, offset: int, out: memoryview) -> None:
+        self._check_range(offset, out.nbytes)
+        if out.nbytes == 0:
+            return
+        try:
+            if out.nbytes <= self._INLINE_BYTES:
+                self._copy(offset, out)
+                return
+            assert self.executor is not None
+            jobs = split_chunks(offset, (out,), DEFAULT_CHUNK_BYTES)
+            await _run_all(
+                self.executor,
+                [functools.partial(self._copy, o, bufs[0]) for o, bufs in jobs],
+            )
+        except (OSError, ValueError) as exc:  # SIGBUS is not catchable; a shrunk file is
+            raise SourceError(f"{self.path}: copy at offset {offset} failed: {exc}") from exc
+
+    def advise_willneed(self, offset: int, length: int) -> None:
+        mm = self._mm
+        if mm is None or self._closed or not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        start = offset - offset % mmap.PAGESIZE
+        with contextlib.suppress(OSError, ValueError):
+            mm.madvise(mmap.MADV_WILLNEED, start, min(self.size - start, length + offset - start))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+        if self._mm is not None:
+            self._mm.close()
+
+    def __repr__(self) -> str:
+        return f"MmapSource({str(self.path)!r})"
+
+
+class AiofilesSource(Source):
+    """A file read with aiofiles ``readinto`` (portable; no ``preadv`` needed).
+
+    A file handle has one position, so each concurrent read takes its own handle
+    from a small pool (opened on demand, at most ``max_handles``)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, max_handles: int = 2) -> None:
+        self.path = Path(path)
+        try:
+            self.size = self.path.stat().st_size
+        except OSError as exc:
+            raise SourceError(f"{path}: cannot open: {exc.strerror}") from exc
+        self._max_handles = max_handles
+        self._idle: list[Any] = []
+        self._opened = 0
+        self._closed = False
+        self._slots: asyncio.Semaphore | None = None
+
+    async def read_into(self, offset: int, out: memoryview) -> None:
+        import aiofiles
+
+        self._check_range(offset, out.nbytes)
+        if self._closed:
+            raise SourceError(f"{self.path}: source is closed")
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self._max_handles)
+        async with self._slots:
+            try:
+                handle = self._idle.pop() if self._idle else None
+                if handle is None:
+                    handle = await aiofiles.open(self.path, "rb", buffering=0)
+                    self._opened += 1
+                try:
+                    await handle.seek(offset)
+                    view = out
+                    while view.nbytes:
+                        got = await handle.readinto(view)
+                        if not got:
+                            at = offset + out.nbytes - view.nbytes
+                            raise EOFError(f"end of file at offset {at}")
+                        view = view[got:]
+                finally:
+                    if self._closed:
+                        await handle.close()
+                    else:
+                        self._idle.append(handle)
+            except (OSError, EOFError) as exc:
+                raise SourceError(
+                    f"{self.path}: read of {out.nbytes} bytes at offset {offset} failed: {exc}"
+                ) from exc
+
+    def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for handle in idle:
+            # aiofiles handles wrap a plain file object; closing it synchronously is safe.
+            handle._file.close()
+
+    def __repr__(self) -> str:
+        return f"AiofilesSource({str(self.path)!r})"

@@ -1,0 +1,59 @@
+"""Shared fixtures: every async test runs on asyncio and on uvloop, and every pager a
+test builds through ``make_pager`` is checked for exact accounting — continuously by a
+monitor task while the test runs, and once more at the end."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import pytest
+import uvloop
+
+import asyncpager as ap
+from tests.fakes import assert_invariants
+
+
+def pytest_asyncio_loop_factories(
+    config: Any, item: Any
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+PagerFactory = Callable[..., ap.Pager]
+
+
+@pytest.fixture
+async def make_pager() -> AsyncIterator[PagerFactory]:
+    """Build pagers whose invariants are sampled by a monitor task during the test
+    and checked (then the pager closed) at teardown."""
+    pagers: list[ap.Pager] = []
+    violations: list[str] = []
+
+    async def monitor() -> None:
+        while True:
+            for p in pagers:
+                if p.resident_bytes + p.inflight_bytes > p.budget_bytes:
+                    violations.append(repr(p))
+            await asyncio.sleep(0.0005)
+
+    task = asyncio.get_running_loop().create_task(monitor(), name="test:invariant-monitor")
+
+    def factory(*args: Any, **kwargs: Any) -> ap.Pager:
+        pager = ap.Pager(*args, **kwargs)
+        pagers.append(pager)
+        return pager
+
+    try:
+        yield factory
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        for p in pagers:
+            if not p.closed:
+                await asyncio.sleep(0)  # let finished loads settle
+                assert_invariants(p)
+            await p.close()
+            assert_invariants(p, closed=True)
+        assert not violations, f"budget exceeded while the test ran: {violations[:3]}"

@@ -406,11 +406,14 @@ class Pager:
             raise TensorNotFound(name)
         if self._closed:
             raise PagerClosed("the pager is closed")
-        if entry.layer is not None and entry.layer != self._current_layer:
-            self._enter_layer(entry.layer)
+        entered = entry.layer is not None and entry.layer != self._current_layer
+        if entered:
+            self._enter_layer(entry.layer)  # type: ignore[arg-type]
         if entry.array is not None:  # the hit path: no await, no allocation but the Lease
             self._lease_entry(entry)
             self._hits += 1
+            if entered:
+                self._prefetch_ahead()
             self._h_hit.record(perf_counter_ns() - t0)
             return Lease(self, entry)
         group = await self._acquire_entries((entry,), timeout, t0)
@@ -462,6 +465,7 @@ class Pager:
                 self._queue.append(ticket)
                 if self._tracer is not None:
                     self._tracer.instant("budget_wait", names=[e.name for e in entries[:8]])
+            self._prefetch_ahead()
             if timeout is None:
                 await self._wait_granted(ticket, waited)
             else:
@@ -772,9 +776,15 @@ class Pager:
         self._prefetch_entries(entries)
 
     def _enter_layer(self, layer: int) -> None:
+        """Move the schedule cursor to ``layer``. Prefetching the layers after it is
+        left to ``_prefetch_ahead``, called once the demand request was admitted:
+        until then the current layer's unleased tensors would look farthest away."""
         self._current_layer = layer
         self._schedule.advance_to(layer)
-        if self._prefetch_depth and not self._closed:
+
+    def _prefetch_ahead(self) -> None:
+        layer = self._current_layer
+        if self._prefetch_depth and not self._closed and layer is not None:
             for ahead in self._schedule.upcoming(self._prefetch_depth):
                 if ahead != layer:
                     self._prefetch_entries(self._layers.get(ahead, ()))

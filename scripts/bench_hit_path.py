@@ -8,16 +8,15 @@ tracing off and on. Target (issue 2): <= 3 µs on uvloop, no slower than async-l
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _benchutil import loops, median, run, table  # noqa: E402
+from _benchutil import loops, median, run, table
 
-import asyncpager as ap  # noqa: E402
+import asyncpager as ap
 
 
 async def pager_hits(n_ops: int, n_tensors: int, trace: bool) -> float:
@@ -64,7 +63,7 @@ def main() -> None:
     rows = []
     for loop_name, factory in loops():
 
-        def measure(coro_fn, *a):  # type: ignore[no-untyped-def]
+        def measure(coro_fn, *a, factory=factory):  # type: ignore[no-untyped-def]
             return median([run(factory, coro_fn(*a)) for _ in range(args.repeats)])
 
         peer = measure(alru_hits, args.n)

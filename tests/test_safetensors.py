@@ -363,7 +363,7 @@ def test_invalid_json_inside_an_entry(tmp_path: Path) -> None:
 def test_trailing_garbage_after_header(tmp_path: Path) -> None:
     text = '{"w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}} x'
     data = safetensors_bytes(text, b"\0")
-    expect_format_error(_write(tmp_path, data), 8 + len(text) - 1, "extra data")
+    expect_format_error(_write(tmp_path, data), 8 + len(text) - 1, "Extra data")
 
 
 def test_header_not_utf8(tmp_path: Path) -> None:
@@ -437,16 +437,26 @@ def test_duplicate_tensor_names(tmp_path: Path) -> None:
 
 def test_duplicate_keys_inside_an_entry(tmp_path: Path) -> None:
     text = '{"w": {"dtype": "U8", "dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}'
-    expect_format_error(
-        _write(tmp_path, safetensors_bytes(text, b"\0")), 8, "duplicate key 'dtype'"
-    )
+    data = safetensors_bytes(text, b"\0")
+    expect_format_error(_write(tmp_path, data), _header_at(data, "w"), "duplicate key 'dtype'")
+
+
+def test_duplicate_keys_inside_metadata(tmp_path: Path) -> None:
+    text = '{"__metadata__": {"a": "1", "a": "2"}}'
+    data = safetensors_bytes(text)
+    expect_format_error(_write(tmp_path, data), 8 + 1, "__metadata__ has a duplicate key 'a'")
+
+
+def test_empty_array_is_not_empty_metadata(tmp_path: Path) -> None:
+    data = safetensors_bytes('{"__metadata__": []}')
+    expect_format_error(_write(tmp_path, data), 8 + 1, "__metadata__ is not a JSON object")
 
 
 @pytest.mark.parametrize("metadata", [["a"], {"a": 1}, {"a": None}])
 def test_bad_metadata(tmp_path: Path, metadata: Any) -> None:
     data = safetensors_bytes({"__metadata__": metadata}, b"")
     expect_format_error(
-        _write(tmp_path, data), _header_at(data, "__metadata__"), "__metadata__ is not an object"
+        _write(tmp_path, data), _header_at(data, "__metadata__"), "__metadata__ is not"
     )
 
 

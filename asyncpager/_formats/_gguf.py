@@ -30,7 +30,14 @@ import numpy as np
 from .._errors import FormatError
 from .._tensor import TensorInfo
 from ._ggml import GGML_TYPES
-from ._index import ArraySummary, MetadataValue, ModelIndex, check_no_overlap, layer_of
+from ._index import (
+    ArraySummary,
+    MetadataValue,
+    ModelIndex,
+    find_overlap,
+    layer_of,
+    overlap_problem,
+)
 
 __all__ = ["GGUF_MAGIC", "MAX_ARRAY_ITEMS", "read_gguf"]
 
@@ -76,8 +83,8 @@ _INT64_LIMIT = 1 << 63
 _UINT8 = np.dtype(np.uint8)
 
 # A tensor-table entry: name, ne (GGML order), GGML type id, data offset
-# relative to the data section, offset of the entry, offset of its ne array.
-_Entry: TypeAlias = tuple[str, tuple[int, ...], int, int, int, int]
+# relative to the data section, and the file offset of its ne array.
+_Entry: TypeAlias = tuple[str, tuple[int, ...], int, int, int]
 
 
 def read_gguf(path: Path) -> ModelIndex:
@@ -173,12 +180,11 @@ class _GGUFParser:
         entries = self.tensor_table(n_tensors)
         alignment = self.alignment(metadata, kv_offsets)
         data_start = -(-self.pos // alignment) * alignment
-        tensors = self.place_tensors(entries, data_start, alignment)
         return ModelIndex(
             format="gguf",
             path=self.path,
             files=((self.path, self.size),),
-            tensors={t.name: t for t in tensors},
+            tensors=self.place_tensors(entries, data_start, alignment),
             metadata=metadata,
         )
 
@@ -305,45 +311,65 @@ class _GGUFParser:
     # -- tensors --------------------------------------------------------------
 
     def tensor_table(self, n_tensors: int) -> list[_Entry]:
-        """Read the tensor infos, checking only that they are all there."""
+        """Read the tensor infos, checking that each is complete, named in
+        UTF-8, unique and of at most MAX_DIMS dimensions (a tight loop: a model
+        may have tens of thousands of tensors)."""
+        buf, size, pos = self.buf, self.size, self.pos
+        unpack_u64, unpack_u32 = _U64.unpack_from, _U32.unpack_from
+        unpack_type_and_offset = _TYPE_AND_OFFSET.unpack_from
         entries: list[_Entry] = []
         seen: set[str] = set()
-        buf = self.buf
         for _ in range(n_tensors):
-            at = self.pos
-            name = self.string("tensor name")
+            at = pos
+            if size - pos < 8:
+                self.fail(pos, f"truncated tensor name length: {size - pos} bytes left in the file")
+            (length,) = unpack_u64(buf, pos)
+            pos += 8
+            if length > size - pos:
+                self.fail(
+                    at,
+                    f"tensor name length {length} exceeds the {size - pos} bytes left in the file",
+                )
+            try:
+                name = buf[pos : pos + length].decode("utf-8")
+            except UnicodeDecodeError as exc:
+                self.fail(pos + exc.start, "tensor name is not valid UTF-8")
+            pos += length
             if name in seen:
                 self.fail(at, f"duplicate tensor name {name!r}")
             seen.add(name)
-            n_dims = self.u32(f"dimension count of {name!r}")
+            if size - pos < 4:
+                self.fail(pos, f"truncated dimension count of {name!r}")
+            (n_dims,) = unpack_u32(buf, pos)
             if n_dims > MAX_DIMS:
+                self.fail(pos, f"tensor {name!r} has {n_dims} dimensions, at most {MAX_DIMS}")
+            pos += 4
+            if size - pos < 8 * n_dims + 12:
                 self.fail(
-                    self.pos - 4, f"tensor {name!r} has {n_dims} dimensions, at most {MAX_DIMS}"
+                    pos,
+                    f"truncated tensor info of {name!r}: needs {8 * n_dims + 12} bytes, "
+                    f"{size - pos} left in the file",
                 )
-            self.need(8 * n_dims + 12, f"tensor info of {name!r}")
-            dims_at = self.pos
-            ne = _DIMS[n_dims].unpack_from(buf, dims_at)
-            ggml_type, offset = _TYPE_AND_OFFSET.unpack_from(buf, dims_at + 8 * n_dims)
-            self.pos = dims_at + 8 * n_dims + 12
-            entries.append((name, ne, ggml_type, offset, at, dims_at))
+            ne = _DIMS[n_dims].unpack_from(buf, pos)
+            ggml_type, offset = unpack_type_and_offset(buf, pos + 8 * n_dims)
+            entries.append((name, ne, ggml_type, offset, pos))
+            pos += 8 * n_dims + 12
+        self.pos = pos
         return entries
 
     def place_tensors(
-        self,
-        entries: list[_Entry],
-        data_start: int,
-        alignment: int,
-    ) -> list[TensorInfo]:
-        tensors: list[TensorInfo] = []
-        placed: list[tuple[TensorInfo, int]] = []
-        for name, ne, ggml_type, rel_offset, _, dims_at in entries:
+        self, entries: list[_Entry], data_start: int, alignment: int
+    ) -> dict[str, TensorInfo]:
+        tensors: dict[str, TensorInfo] = {}
+        offset_fields: dict[str, int] = {}
+        size = self.size
+        for name, ne, ggml_type, rel_offset, dims_at in entries:
             type_at = dims_at + 8 * len(ne)
-            offset_at = type_at + 4
             kind = GGML_TYPES.get(ggml_type)
             if kind is None:
                 self.fail(type_at, f"tensor {name!r} has unknown GGML type {ggml_type}")
             n_elements = math.prod(ne)
-            if n_elements >= _INT64_LIMIT or any(d >= _INT64_LIMIT for d in ne):
+            if n_elements >= _INT64_LIMIT or (not n_elements and ne and max(ne) >= _INT64_LIMIT):
                 self.fail(dims_at, f"tensor {name!r} dimensions {list(ne)} overflow int64")
             row = ne[0] if ne else 1
             if row % kind.block_size:
@@ -354,17 +380,17 @@ class _GGUFParser:
                 )
             if rel_offset % alignment:
                 self.fail(
-                    offset_at,
+                    type_at + 4,
                     f"tensor {name!r} data offset {rel_offset} is not a multiple of "
                     f"the alignment {alignment}",
                 )
             nbytes = n_elements // kind.block_size * kind.type_size
             start = data_start + rel_offset
-            if start + nbytes > self.size:
+            if start + nbytes > size:
                 self.fail(
-                    offset_at,
+                    type_at + 4,
                     f"tensor {name!r} (bytes {start}..{start + nbytes}) extends past "
-                    f"the end of the file ({self.size} bytes)",
+                    f"the end of the file ({size} bytes)",
                 )
             logical_shape = ne[::-1]
             if kind.dtype is not None:
@@ -373,7 +399,7 @@ class _GGUFParser:
             else:
                 dtype = _UINT8
                 shape = (*logical_shape[:-1], row // kind.block_size * kind.type_size)
-            info = TensorInfo(
+            tensors[name] = TensorInfo(
                 name=name,
                 offset=start,
                 nbytes=nbytes,
@@ -383,7 +409,8 @@ class _GGUFParser:
                 file_dtype=kind.name,
                 logical_shape=logical_shape,
             )
-            tensors.append(info)
-            placed.append((info, offset_at))
-        check_no_overlap(self.path, placed)
+            offset_fields[name] = type_at + 4
+        overlap = find_overlap(tensors.values())
+        if overlap is not None:
+            self.fail(offset_fields[overlap[0].name], overlap_problem(*overlap))
         return tensors

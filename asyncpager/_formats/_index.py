@@ -23,7 +23,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal, TypeAlias, final
 
-from .._errors import FormatError, TensorNotFound
+from .._errors import TensorNotFound
 from .._tensor import TensorInfo
 
 __all__ = [
@@ -31,8 +31,9 @@ __all__ = [
     "FormatName",
     "MetadataValue",
     "ModelIndex",
-    "check_no_overlap",
+    "find_overlap",
     "layer_of",
+    "overlap_problem",
 ]
 
 FormatName: TypeAlias = Literal["gguf", "safetensors"]
@@ -71,24 +72,21 @@ class ArraySummary:
 MetadataValue: TypeAlias = "int | float | bool | str | ArraySummary | tuple[MetadataValue, ...]"
 
 
-def check_no_overlap(path: object, placed: Iterable[tuple[TensorInfo, int]]) -> None:
-    """Raise FormatError if two non-empty tensors share a byte.
+def find_overlap(tensors: Iterable[TensorInfo]) -> tuple[TensorInfo, TensorInfo] | None:
+    """Two non-empty tensors that share a byte, as ``(later, earlier)`` by
+    start offset, or ``None`` when no two do."""
+    ordered = sorted((t for t in tensors if t.nbytes), key=lambda t: (t.offset, t.nbytes))
+    for earlier, later in pairwise(ordered):
+        if later.offset < earlier.end:
+            return later, earlier
+    return None
 
-    ``placed`` pairs each tensor with the byte offset of the header entry that
-    describes it; the error names the entry of the later-starting tensor.
-    """
-    ordered = sorted(
-        ((t, at) for t, at in placed if t.nbytes),
-        key=lambda pair: (pair[0].offset, pair[0].nbytes),
+
+def overlap_problem(later: TensorInfo, earlier: TensorInfo) -> str:
+    return (
+        f"tensor {later.name!r} (bytes {later.offset}..{later.end}) overlaps "
+        f"tensor {earlier.name!r} (bytes {earlier.offset}..{earlier.end})"
     )
-    for (prev, _), (cur, at) in pairwise(ordered):
-        if cur.offset < prev.end:
-            raise FormatError(
-                path,
-                at,
-                f"tensor {cur.name!r} (bytes {cur.offset}..{cur.end}) overlaps "
-                f"tensor {prev.name!r} (bytes {prev.offset}..{prev.end})",
-            )
 
 
 @final

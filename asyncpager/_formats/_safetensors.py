@@ -20,7 +20,6 @@ Invariants:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -34,7 +33,7 @@ import numpy as np
 
 from .._errors import FormatError
 from .._tensor import TensorInfo
-from ._index import MetadataValue, ModelIndex, check_no_overlap, layer_of
+from ._index import MetadataValue, ModelIndex, find_overlap, layer_of, overlap_problem
 
 __all__ = [
     "INDEX_FILE_NAME",
@@ -90,8 +89,6 @@ def _dtypes() -> dict[str, tuple[np.dtype[Any] | None, int]]:
 
 SAFETENSORS_DTYPES = _dtypes()
 
-_Placed = tuple[TensorInfo, int]  # a tensor and the offset of its header entry
-
 
 def read_safetensors(path: Path, *, given: Path | None = None) -> ModelIndex:
     """Index the safetensors file at ``path``; ``given`` (default ``path``) is
@@ -101,13 +98,13 @@ def read_safetensors(path: Path, *, given: Path | None = None) -> ModelIndex:
         FormatError: the file is not a well-formed safetensors file.
         OSError: the file cannot be read.
     """
-    placed, metadata, size = _read_file(path)
+    parsed = _read_file(path)
     return ModelIndex(
         format="safetensors",
         path=path if given is None else given,
-        files=((path, size),),
-        tensors={info.name: info for info, _ in placed},
-        metadata=metadata,
+        files=((path, parsed.size),),
+        tensors=parsed.tensors,
+        metadata=parsed.metadata,
     )
 
 
@@ -153,20 +150,20 @@ def read_sharded_safetensors(index_path: Path, *, given: Path | None = None) -> 
             raise FormatError(
                 index_path, _key_offset(text, shard_name), f"shard {shard_name!r} does not exist"
             )
-        placed, shard_metadata, size = _read_file(shard_path)
-        for info, at in placed:
-            if info.name in tensors:
+        parsed = _read_file(shard_path, base)
+        for name, info in parsed.tensors.items():
+            if name in tensors:
                 raise FormatError(
                     shard_path,
-                    at,
-                    f"duplicate tensor name {info.name!r} (also in shard {owner[info.name]!r})",
+                    parsed.entry_offset(name),
+                    f"duplicate tensor name {name!r} (also in shard {owner[name]!r})",
                 )
-            tensors[info.name] = dataclasses.replace(info, offset=info.offset + base)
-            owner[info.name] = shard_name
-        for key, value in shard_metadata.items():
+            tensors[name] = info
+            owner[name] = shard_name
+        for key, value in parsed.metadata.items():
             metadata.setdefault(key, value)
-        files.append((shard_path, size))
-        base += size
+        files.append((shard_path, parsed.size))
+        base += parsed.size
     for name, shard_name in weight_map.items():
         if owner.get(name) != shard_name:
             raise FormatError(
@@ -201,9 +198,9 @@ def _read_index_json(index_path: Path) -> tuple[str, dict[str, Any]]:
     return text, index
 
 
-def _read_file(path: Path) -> tuple[list[_Placed], dict[str, MetadataValue], int]:
-    """Parse one safetensors file: its tensors (in data order, offsets local to
-    this file) with their header-entry offsets, its ``__metadata__``, its size."""
+def _read_file(path: Path, base: int = 0) -> _HeaderParser:
+    """Parse one safetensors file whose bytes start at ``base`` in the
+    virtual concatenation the offsets address."""
     with open(path, "rb") as file:
         size = os.fstat(file.fileno()).st_size
         head = file.read(8)
@@ -225,130 +222,148 @@ def _read_file(path: Path) -> tuple[list[_Placed], dict[str, MetadataValue], int
         raw = file.read(header_len)
     if len(raw) < header_len:
         raise FormatError(path, 8 + len(raw), "truncated header: the file shrank while reading")
-    return _HeaderParser(path, raw, size).parse()
+    parser = _HeaderParser(path, raw, size, base)
+    parser.parse()
+    return parser
+
+
+class _JSONObject(list[tuple[str, Any]]):
+    """The key/value pairs of a JSON object, in order and duplicates kept
+    (built by the C decoder, so telling objects from arrays costs nothing)."""
+
+    __slots__ = ()
+
+
+_PAIRS_DECODER = json.JSONDecoder(object_pairs_hook=_JSONObject)
 
 
 class _HeaderParser:
-    """One safetensors JSON header. Top-level entries are walked by hand so
-    that each tensor's error can name the byte where its entry starts."""
+    """One safetensors JSON header, decoded in C; entry offsets for error
+    messages are found by a second, hand-written walk only when needed."""
 
-    __slots__ = ("data_start", "path", "raw", "size", "text")
+    __slots__ = (
+        "base",
+        "data_start",
+        "metadata",
+        "path",
+        "positions",
+        "raw",
+        "size",
+        "tensors",
+        "text",
+    )
 
-    def __init__(self, path: Path, raw: bytes, size: int) -> None:
+    def __init__(self, path: Path, raw: bytes, size: int, base: int) -> None:
         self.path = path
         self.raw = raw
         self.size = size
+        self.base = base
         self.data_start = 8 + len(raw)
         self.text = ""
+        self.positions: dict[str, list[int]] | None = None
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, MetadataValue] = {}
 
-    def fail(self, char_pos: int, problem: str) -> NoReturn:
-        raise FormatError(self.path, 8 + len(self.text[:char_pos].encode()), problem)
+    def entry_offset(self, key: str, occurrence: int = 1) -> int:
+        """File offset of the ``occurrence``-th top-level key ``key`` (8, the
+        header start, if it cannot be found)."""
+        if self.positions is None:
+            self.positions = _top_level_key_positions(self.text)
+        found = self.positions.get(key, [])
+        if len(found) < occurrence:
+            return 8
+        return 8 + len(self.text[: found[occurrence - 1]].encode())
 
-    def parse(self) -> tuple[list[_Placed], dict[str, MetadataValue], int]:
+    def fail(self, key: str, problem: str, occurrence: int = 1) -> NoReturn:
+        raise FormatError(self.path, self.entry_offset(key, occurrence), problem)
+
+    def parse(self) -> None:
         if not self.raw.startswith(b"{"):
             raise FormatError(self.path, 8, "header does not start with '{'")
-        self.text = _decode(self.path, self.raw, 8, "header")
-        metadata: dict[str, MetadataValue] = {}
-        entries: list[tuple[TensorInfo, int]] = []
+        self.text = text = _decode(self.path, self.raw, 8, "header")
         try:
-            items = self.top_level_items()
+            pairs = _PAIRS_DECODER.decode(text)
         except json.JSONDecodeError as exc:
-            self.fail(exc.pos, f"header is not valid JSON: {exc.msg}")
-        except _DuplicateKey as exc:
-            self.fail(0, f"duplicate key {exc.key!r} inside a header entry")
+            at = 8 + len(text[: exc.pos].encode())
+            raise FormatError(self.path, at, f"header is not valid JSON: {exc.msg}") from None
         except RecursionError:
-            self.fail(0, "header nests JSON too deeply")
-        at_bytes = _byte_offsets(self.text, [char_pos for _, _, char_pos in items], base=8)
-        for (name, entry, char_pos), at in zip(items, at_bytes, strict=True):
-            if name == "__metadata__":
-                metadata = self.metadata(entry, char_pos)
-            else:
-                entries.append((self.tensor(name, entry, char_pos), at))
-        entries.sort(key=lambda pair: (pair[0].offset, pair[0].nbytes))
-        check_no_overlap(self.path, entries)
-        return entries, metadata, self.size
-
-    def top_level_items(self) -> list[tuple[str, object, int]]:
-        """``(key, value, char position of the key)`` for each top-level entry;
-        raises JSONDecodeError on bad syntax, FormatError on a duplicate key."""
-        text = self.text
-        pos = _skip_ws(text, 1)
-        items: list[tuple[str, object, int]] = []
+            raise FormatError(self.path, 8, "header nests JSON too deeply") from None
+        tensors: list[TensorInfo] = []
         seen: set[str] = set()
-        if text.startswith("}", pos):
-            pos += 1
-        else:
-            while True:
-                if not text.startswith('"', pos):
-                    raise json.JSONDecodeError("expected a key string", text, pos)
-                key_pos = pos
-                key, pos = _scanstring(text, pos + 1)
-                if key in seen:
-                    self.fail(key_pos, f"duplicate tensor name {key!r}")
-                seen.add(key)
-                pos = _skip_ws(text, pos)
-                if not text.startswith(":", pos):
-                    raise json.JSONDecodeError("expected ':'", text, pos)
-                value, pos = _DECODER.raw_decode(text, _skip_ws(text, pos + 1))
-                items.append((key, value, key_pos))
-                pos = _skip_ws(text, pos)
-                if text.startswith(",", pos):
-                    pos = _skip_ws(text, pos + 1)
-                elif text.startswith("}", pos):
-                    pos += 1
-                    break
-                else:
-                    raise json.JSONDecodeError("expected ',' or '}'", text, pos)
-        pos = _skip_ws(text, pos)
-        if pos != len(text):
-            raise json.JSONDecodeError("extra data after the header object", text, pos)
-        return items
+        for name, value in pairs:
+            if name in seen:
+                self.fail(name, f"duplicate tensor name {name!r}", occurrence=2)
+            seen.add(name)
+            if name == "__metadata__":
+                self.metadata = self.metadata_entry(value)
+            else:
+                tensors.append(self.tensor(name, value))
+        tensors.sort(key=lambda t: (t.offset, t.nbytes))
+        overlap = find_overlap(tensors)
+        if overlap is not None:
+            self.fail(overlap[0].name, overlap_problem(*overlap))
+        self.tensors = {t.name: t for t in tensors}
 
-    def metadata(self, entry: object, at: int) -> dict[str, MetadataValue]:
-        if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
-            self.fail(at, "__metadata__ is not an object of string values")
-        return dict(entry)
+    def object_entry(self, name: str, value: object, what: str) -> dict[str, Any]:
+        if type(value) is not _JSONObject:
+            self.fail(name, f"{what} is not a JSON object")
+        entry = dict(value)
+        if len(entry) != len(value):
+            keys = [key for key, _ in value]
+            duplicate = next(key for key in keys if keys.count(key) > 1)
+            self.fail(name, f"{what} has a duplicate key {duplicate!r}")
+        return entry
 
-    def tensor(self, name: str, entry: object, at: int) -> TensorInfo:
-        if not isinstance(entry, dict):
-            self.fail(at, f"tensor {name!r}: entry is not a JSON object")
+    def metadata_entry(self, value: object) -> dict[str, MetadataValue]:
+        entry = self.object_entry("__metadata__", value, "__metadata__")
+        if not all(type(v) is str for v in entry.values()):
+            self.fail("__metadata__", "__metadata__ is not an object of string values")
+        return entry
+
+    def tensor(self, name: str, value: object) -> TensorInfo:
+        entry = self.object_entry(name, value, f"tensor {name!r}: entry")
         code = entry.get("dtype")
         shape = entry.get("shape")
         offsets = entry.get("data_offsets")
-        if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
-            self.fail(at, f"tensor {name!r}: unknown dtype {code!r}")
-        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-            self.fail(at, f"tensor {name!r}: shape {shape!r} is not a list of non-negative ints")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(_is_count(o) for o in offsets)
-            or offsets[0] > offsets[1]
-        ):
-            self.fail(at, f"tensor {name!r}: data_offsets {offsets!r} are not [begin, end]")
-        dtype, bits = SAFETENSORS_DTYPES[code]
+        kind = SAFETENSORS_DTYPES.get(code) if type(code) is str else None
+        if kind is None:
+            self.fail(name, f"tensor {name!r}: unknown dtype {code!r}")
+        if type(shape) is not list:
+            self.fail(name, f"tensor {name!r}: shape {shape!r} is not a list of non-negative ints")
         n_elements = 1
         for dim in shape:
+            if type(dim) is not int or dim < 0:
+                self.fail(
+                    name, f"tensor {name!r}: shape {shape!r} is not a list of non-negative ints"
+                )
             n_elements *= dim
             if n_elements >= _SHAPE_LIMIT:
-                self.fail(at, f"tensor {name!r}: shape {shape} overflows 64 bits")
+                self.fail(name, f"tensor {name!r}: shape {shape} overflows 64 bits")
+        if (
+            type(offsets) is not list
+            or len(offsets) != 2
+            or type(offsets[0]) is not int
+            or type(offsets[1]) is not int
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            self.fail(name, f"tensor {name!r}: data_offsets {offsets!r} are not [begin, end]")
+        dtype, bits = kind
         nbits = n_elements * bits
         begin, end = offsets
         if nbits % 8 or end - begin != nbits // 8:
             self.fail(
-                at,
+                name,
                 f"tensor {name!r}: data_offsets [{begin}, {end}] span {end - begin} bytes "
                 f"but {code} {shape} needs {nbits / 8:g}",
             )
-        start = self.data_start + begin
         if self.data_start + end > self.size:
             self.fail(
-                at,
-                f"tensor {name!r} (bytes {start}..{self.data_start + end}) extends past "
-                f"the end of the file ({self.size} bytes)",
+                name,
+                f"tensor {name!r} (bytes {self.data_start + begin}..{self.data_start + end}) "
+                f"extends past the end of the file ({self.size} bytes)",
             )
         logical_shape = tuple(shape)
-        view_shape: tuple[int, ...] = logical_shape
+        view_shape = logical_shape
         if dtype is None:  # packed sub-byte elements: expose the bytes
             dtype = _UINT8
             if logical_shape and logical_shape[-1] * bits % 8 == 0:
@@ -357,7 +372,7 @@ class _HeaderParser:
                 view_shape = (nbits // 8,)
         return TensorInfo(
             name=name,
-            offset=start,
+            offset=self.base + self.data_start + begin,
             nbytes=end - begin,
             dtype=dtype,
             shape=view_shape,
@@ -367,21 +382,26 @@ class _HeaderParser:
         )
 
 
-def _byte_offsets(text: str, char_positions: list[int], base: int) -> list[int]:
-    """``base`` + the UTF-8 byte offset of each (ascending) character position."""
-    if text.isascii():
-        return [base + pos for pos in char_positions]
-    result: list[int] = []
-    done_chars, done_bytes = 0, base
-    for pos in char_positions:
-        done_bytes += len(text[done_chars:pos].encode())
-        done_chars = pos
-        result.append(done_bytes)
-    return result
-
-
-def _is_count(value: object) -> bool:
-    return type(value) is int and value >= 0
+def _top_level_key_positions(text: str) -> dict[str, list[int]]:
+    """Character positions of each top-level key of the JSON object ``text``
+    (every occurrence, in order); stops quietly at the first syntax error."""
+    positions: dict[str, list[int]] = {}
+    try:
+        pos = _skip_ws(text, _skip_ws(text, 0) + 1)
+        while text.startswith('"', pos):
+            key, end = _scanstring(text, pos + 1)
+            positions.setdefault(key, []).append(pos)
+            pos = _skip_ws(text, end)
+            if not text.startswith(":", pos):
+                break
+            _, pos = _PAIRS_DECODER.raw_decode(text, _skip_ws(text, pos + 1))
+            pos = _skip_ws(text, pos)
+            if not text.startswith(",", pos):
+                break
+            pos = _skip_ws(text, pos + 1)
+    except (json.JSONDecodeError, RecursionError):
+        pass
+    return positions
 
 
 def _decode(path: Path, raw: bytes, base: int, what: str) -> str:

@@ -56,7 +56,7 @@ _log = logging.getLogger("asyncpager")
 _MAX_GAP = 64 << 10
 #: Prefetch reads go in chunks of this size, one at a time, checking between chunks
 #: that no demand read is waiting, so a demand read waits at most one chunk.
-_PREFETCH_CHUNK = 8 << 20
+_PREFETCH_CHUNK = 16 << 20
 #: New blocks at least this large are allocated (and pre-faulted) on an I/O thread.
 _OFFLOOP_ALLOC_BYTES = 256 << 10
 
@@ -531,7 +531,9 @@ class Pager:
             shared = any(not e.pinned for e in missing)
             if shared and self._queue and self._queue[0] is not ticket:
                 return False
-            blocks = self._reserve(missing, None)
+            # Never evict the ticket's own resident tensors to make room for the rest.
+            own = set(ticket.entries) if len(missing) < len(ticket.entries) else None
+            blocks = self._reserve(missing, None if own is None else lambda v: v not in own)
             if blocks is None:
                 return False
             self._start_loads(missing, blocks, prefetch=False)
@@ -615,22 +617,29 @@ class Pager:
             _log.error("asyncpager: internal error in %s", task.get_name(), exc_info=exc)
 
     def _pump(self) -> None:
-        """Grant queued tickets in order while the one at the head fits."""
+        """Grant queued tickets in order while the one at the head fits. A ticket
+        whose waiter was cancelled (its future is done) is skipped: the waiter's
+        own cleanup runs later and finds nothing granted."""
         queue = self._queue
         while queue:
             ticket = queue[0]
+            assert ticket.future is not None
+            if ticket.future.done():
+                queue.popleft()
+                continue
             if not self._admit(ticket):
                 break
             queue.popleft()
-            assert ticket.future is not None
             ticket.future.set_result(None)
         # Behind a blocked head, requests whose tensors all became resident or
         # loading meanwhile need no room: they never wait behind anyone.
         for ticket in list(queue)[1:]:
-            if all(e.array is not None or e.flight is not None for e in ticket.entries):
+            assert ticket.future is not None
+            if ticket.future.done():
+                queue.remove(ticket)
+            elif all(e.array is not None or e.flight is not None for e in ticket.entries):
                 queue.remove(ticket)
                 self._admit_claims(ticket)
-                assert ticket.future is not None
                 ticket.future.set_result(None)
 
     def _abandon(self, ticket: _Ticket) -> None:
@@ -790,7 +799,8 @@ class Pager:
                     self._prefetch_entries(self._layers.get(ahead, ()))
 
     def _prefetch_entries(self, entries: Iterable[Entry]) -> None:
-        missing = [e for e in entries if e.array is None and e.flight is None]
+        # dict.fromkeys: a name hinted twice must not get two flights (double charge).
+        missing = [e for e in dict.fromkeys(entries) if e.array is None and e.flight is None]
         if not missing:
             return
         if self._queue:  # demand requests are waiting for room: never take it from them
@@ -945,18 +955,26 @@ class Pager:
             await self._demand_idle.wait()
 
     async def _check_sums(self, flights: list[LoadFlight]) -> None:
+        views = []
         for f in flights:
             offset, dest = self._destination(f)
             info = f.entry.info
-            view = dest[info.offset - offset : info.offset - offset + info.nbytes]
-            crc = zlib.crc32(view)
+            views.append(dest[info.offset - offset : info.offset - offset + info.nbytes])
+        executor = self._source.executor
+        if executor is not None and sum(v.nbytes for v in views) >= _OFFLOOP_ALLOC_BYTES:
+            # zlib.crc32 releases the GIL on large buffers: keep it off the loop.
+            loop = asyncio.get_running_loop()
+            crcs = await loop.run_in_executor(executor, lambda: [zlib.crc32(v) for v in views])
+        else:
+            crcs = [zlib.crc32(v) for v in views]
+        for f, crc in zip(flights, crcs, strict=True):
             e = f.entry
             if e.checksum is None:
                 e.checksum = crc
             elif e.checksum != crc:
                 self._checksum_failures += 1
                 raise SourceError(
-                    f"{info.name}: crc32 {crc:#010x} of the bytes read differs from "
+                    f"{e.name}: crc32 {crc:#010x} of the bytes read differs from "
                     f"{e.checksum:#010x} read before: the file changed underneath"
                 )
 
@@ -972,7 +990,7 @@ class Pager:
                 e.flight = None
             self._inflight_bytes -= e.charge
             e.array = array
-            e.block = f.block
+            e.block, f.block = f.block, None  # a flight must not keep memory alive
             self._resident_bytes += e.charge
             self._resident_count += 1
             e.leases += f.pending
@@ -1072,6 +1090,15 @@ class Pager:
                 if e.flight is not None:
                     self._finish_failed([e.flight], closed)
             self._pool.clear()
+            # Give the memory back now; tensors still leased keep their arrays.
+            for e in self._entries.values():
+                if e.array is not None and e.leases == 0:
+                    self._policy.remove(e)
+                    self._resident_bytes -= e.charge
+                    self._resident_count -= 1
+                    if e.pinned:
+                        self._pinned_reserve += e.charge
+                    e.array = e.block = None
             if self._owns_source:
                 self._source.close()
         finally:

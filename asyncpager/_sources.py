@@ -45,7 +45,7 @@ _T = TypeVar("_T")
 
 #: Reads are split into chunks of about this many bytes so that two or more are in
 #: flight on the executor (PERFORMANCE.md: 2 threads read 1.25-1.54x faster than 1).
-DEFAULT_CHUNK_BYTES = 4 << 20
+DEFAULT_CHUNK_BYTES = 8 << 20
 #: Linux's IOV_MAX: the most buffers one preadv may scatter into.
 _IOV_MAX = 1024
 DIRECT_IO_ALIGNMENT = 4096

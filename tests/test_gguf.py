@@ -296,7 +296,7 @@ def test_metadata_arrays_match_reader(tmp_path: Path) -> None:
     for key, values, vtype in ARRAYS:
         got = index.metadata[key]
         assert got == tuple(_as_stored(v, vtype) for v in values)
-        assert list(got) == reader.fields[key].contents()  # type: ignore[arg-type]
+        assert list(got) == reader.fields[key].contents()
 
 
 def test_nested_and_empty_arrays(tmp_path: Path) -> None:

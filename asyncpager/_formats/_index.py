@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import pairwise
+from operator import attrgetter
 from pathlib import Path
 from types import MappingProxyType
 from typing import Literal, TypeAlias, final
@@ -75,7 +76,9 @@ MetadataValue: TypeAlias = "int | float | bool | str | ArraySummary | tuple[Meta
 def find_overlap(tensors: Iterable[TensorInfo]) -> tuple[TensorInfo, TensorInfo] | None:
     """Two non-empty tensors that share a byte, as ``(later, earlier)`` by
     start offset, or ``None`` when no two do."""
-    ordered = sorted((t for t in tensors if t.nbytes), key=lambda t: (t.offset, t.nbytes))
+    ordered = [t for t in tensors if t.nbytes]
+    if any(later.offset < earlier.offset for earlier, later in pairwise(ordered)):
+        ordered.sort(key=attrgetter("offset"))
     for earlier, later in pairwise(ordered):
         if later.offset < earlier.end:
             return later, earlier

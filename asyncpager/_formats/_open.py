@@ -15,12 +15,8 @@ from pathlib import Path
 from .._errors import FormatError
 from ._gguf import GGUF_MAGIC, read_gguf
 from ._index import ModelIndex
-from ._safetensors import (
-    INDEX_FILE_NAME,
-    MAX_HEADER_SIZE,
-    read_safetensors,
-    read_sharded_safetensors,
-)
+from ._safetensors import MAX_HEADER_SIZE, read_safetensors
+from ._sharded import INDEX_FILE_NAME, read_sharded_safetensors
 
 __all__ = ["read_index"]
 

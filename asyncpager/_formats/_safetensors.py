@@ -1,9 +1,8 @@
-"""safetensors header parser, for single files and sharded checkpoints.
+"""safetensors header parser (one file; ``_sharded`` combines shards).
 
 A file is an 8-byte little-endian header length, a UTF-8 JSON header of that
 length, then the data section; each tensor's ``data_offsets`` are relative to the
-data section. A sharded checkpoint is a ``*.safetensors.index.json`` whose
-``weight_map`` names the shard holding each tensor.
+data section.
 
 Invariants:
 
@@ -12,9 +11,8 @@ Invariants:
   more than the file holds.
 - Every tensor's ``data_offsets`` span exactly ``dtype × shape`` bytes inside the
   file, and no two non-empty tensors overlap (gaps are allowed).
-- Sharded offsets address the virtual concatenation of the shards in
-  ``ModelIndex.files`` order: shard ``k``'s bytes start at the sum of the sizes of
-  shards ``0..k-1``.
+- A file parsed at ``base`` gets offsets ``base + 8 + header length + begin``,
+  so shards can be laid end to end.
 - Every malformed input raises ``FormatError(path, offset, problem)``.
 """
 
@@ -24,8 +22,10 @@ import json
 import os
 import re
 import struct
+from itertools import pairwise
 from json.decoder import scanstring as _scanstring  # type: ignore[attr-defined]
-from pathlib import Path, PurePosixPath
+from operator import attrgetter
+from pathlib import Path
 from typing import Any, NoReturn
 
 import ml_dtypes
@@ -36,16 +36,14 @@ from .._tensor import TensorInfo
 from ._index import MetadataValue, ModelIndex, find_overlap, layer_of, overlap_problem
 
 __all__ = [
-    "INDEX_FILE_NAME",
     "MAX_HEADER_SIZE",
     "SAFETENSORS_DTYPES",
+    "decode_utf8",
     "read_safetensors",
-    "read_sharded_safetensors",
+    "read_safetensors_file",
 ]
 
 MAX_HEADER_SIZE = 100_000_000  # the limit the reference implementation enforces
-MAX_INDEX_SIZE = 100_000_000
-INDEX_FILE_NAME = "model.safetensors.index.json"
 _U64 = struct.Struct("<Q")
 _UINT8 = np.dtype(np.uint8)
 _SHAPE_LIMIT = 1 << 64
@@ -98,7 +96,7 @@ def read_safetensors(path: Path, *, given: Path | None = None) -> ModelIndex:
         FormatError: the file is not a well-formed safetensors file.
         OSError: the file cannot be read.
     """
-    parsed = _read_file(path)
+    parsed = read_safetensors_file(path)
     return ModelIndex(
         format="safetensors",
         path=path if given is None else given,
@@ -108,99 +106,15 @@ def read_safetensors(path: Path, *, given: Path | None = None) -> ModelIndex:
     )
 
 
-def read_sharded_safetensors(index_path: Path, *, given: Path | None = None) -> ModelIndex:
-    """Index a sharded checkpoint described by ``index_path`` (a
-    ``*.safetensors.index.json``) as one model over its shards, which are taken
-    in sorted file-name order.
-
-    ``metadata`` merges the shards' ``__metadata__`` (earlier shards win) with
-    the scalar entries of the index's own ``"metadata"`` object (``total_size``...).
+def read_safetensors_file(path: Path, base: int = 0) -> SafetensorsFile:
+    """Parse one safetensors file whose bytes start at ``base`` in the
+    virtual concatenation the offsets address; ``.tensors`` (in data order),
+    ``.metadata``, ``.size`` and ``.entry_offset(name)`` describe it.
 
     Raises:
-        FormatError: the index or a shard is malformed, a shard is missing, or
-            the ``weight_map`` disagrees with the shards.
-        OSError: a file cannot be read.
+        FormatError: the file is malformed.
+        OSError: the file cannot be read.
     """
-    text, index = _read_index_json(index_path)
-    weight_map = index.get("weight_map")
-    if not isinstance(weight_map, dict) or not all(
-        isinstance(shard, str) for shard in weight_map.values()
-    ):
-        raise FormatError(
-            index_path,
-            _key_offset(text, "weight_map"),
-            "no weight_map object mapping tensor names to shard file names",
-        )
-    shard_names = sorted(set(weight_map.values()))
-    files: list[tuple[Path, int]] = []
-    tensors: dict[str, TensorInfo] = {}
-    owner: dict[str, str] = {}
-    metadata: dict[str, MetadataValue] = {}
-    base = 0
-    for shard_name in shard_names:
-        parts = PurePosixPath(shard_name).parts
-        if not parts or PurePosixPath(shard_name).is_absolute() or ".." in parts:
-            raise FormatError(
-                index_path,
-                _key_offset(text, shard_name),
-                f"shard name {shard_name!r} is not a relative path inside the checkpoint",
-            )
-        shard_path = index_path.parent.joinpath(*parts)
-        if not shard_path.is_file():
-            raise FormatError(
-                index_path, _key_offset(text, shard_name), f"shard {shard_name!r} does not exist"
-            )
-        parsed = _read_file(shard_path, base)
-        for name, info in parsed.tensors.items():
-            if name in tensors:
-                raise FormatError(
-                    shard_path,
-                    parsed.entry_offset(name),
-                    f"duplicate tensor name {name!r} (also in shard {owner[name]!r})",
-                )
-            tensors[name] = info
-            owner[name] = shard_name
-        for key, value in parsed.metadata.items():
-            metadata.setdefault(key, value)
-        files.append((shard_path, parsed.size))
-        base += parsed.size
-    for name, shard_name in weight_map.items():
-        if owner.get(name) != shard_name:
-            raise FormatError(
-                index_path,
-                _key_offset(text, name),
-                f"weight_map puts tensor {name!r} in {shard_name!r}, which has no such tensor",
-            )
-    extra = index.get("metadata")
-    if isinstance(extra, dict):
-        for key, value in extra.items():
-            if isinstance(value, str | int | float | bool):
-                metadata.setdefault(key, value)
-    return ModelIndex(
-        format="safetensors",
-        path=index_path if given is None else given,
-        files=tuple(files),
-        tensors=tensors,
-        metadata=metadata,
-    )
-
-
-def _read_index_json(index_path: Path) -> tuple[str, dict[str, Any]]:
-    with open(index_path, "rb") as file:
-        size = os.fstat(file.fileno()).st_size
-        if size > MAX_INDEX_SIZE:
-            raise FormatError(index_path, 0, f"index file of {size} bytes is over the 100 MB limit")
-        raw = file.read(size)
-    text = _decode(index_path, raw, 0, "index file")
-    index = _parse_json(index_path, text, 0, "index file")
-    if not isinstance(index, dict):
-        raise FormatError(index_path, 0, "index file is not a JSON object")
-    return text, index
-
-
-def _read_file(path: Path, base: int = 0) -> _HeaderParser:
-    """Parse one safetensors file whose bytes start at ``base`` in the
-    virtual concatenation the offsets address."""
     with open(path, "rb") as file:
         size = os.fstat(file.fileno()).st_size
         head = file.read(8)
@@ -222,14 +136,13 @@ def _read_file(path: Path, base: int = 0) -> _HeaderParser:
         raw = file.read(header_len)
     if len(raw) < header_len:
         raise FormatError(path, 8 + len(raw), "truncated header: the file shrank while reading")
-    parser = _HeaderParser(path, raw, size, base)
+    parser = SafetensorsFile(path, raw, size, base)
     parser.parse()
     return parser
 
 
 class _JSONObject(list[tuple[str, Any]]):
-    """The key/value pairs of a JSON object, in order and duplicates kept
-    (built by the C decoder, so telling objects from arrays costs nothing)."""
+    """The key/value pairs of a JSON object, in order and duplicates kept."""
 
     __slots__ = ()
 
@@ -237,9 +150,10 @@ class _JSONObject(list[tuple[str, Any]]):
 _PAIRS_DECODER = json.JSONDecoder(object_pairs_hook=_JSONObject)
 
 
-class _HeaderParser:
-    """One safetensors JSON header, decoded in C; entry offsets for error
-    messages are found by a second, hand-written walk only when needed."""
+class SafetensorsFile:
+    """One safetensors JSON header, decoded by ``json.loads``; duplicate keys
+    and the entry offsets that error messages name are looked for by slower
+    second passes, only when needed."""
 
     __slots__ = (
         "base",
@@ -280,48 +194,57 @@ class _HeaderParser:
     def parse(self) -> None:
         if not self.raw.startswith(b"{"):
             raise FormatError(self.path, 8, "header does not start with '{'")
-        self.text = text = _decode(self.path, self.raw, 8, "header")
+        self.text = text = decode_utf8(self.path, self.raw, 8, "header")
         try:
-            pairs = _PAIRS_DECODER.decode(text)
+            header = json.loads(text)
         except json.JSONDecodeError as exc:
             at = 8 + len(text[: exc.pos].encode())
             raise FormatError(self.path, at, f"header is not valid JSON: {exc.msg}") from None
         except RecursionError:
             raise FormatError(self.path, 8, "header nests JSON too deeply") from None
+        if type(header) is not dict:  # pragma: no cover - it starts with '{'
+            raise FormatError(self.path, 8, "header is not a JSON object")
+        # json.loads keeps the last of duplicate keys: if the text may hold
+        # more keys than the decoded objects do, look for duplicates exactly.
+        decoded_keys = len(header) + sum(len(v) for v in header.values() if type(v) is dict)
+        if _count_key_ends(text) != decoded_keys:
+            self.refuse_duplicate_keys()
         tensors: list[TensorInfo] = []
-        seen: set[str] = set()
-        for name, value in pairs:
-            if name in seen:
-                self.fail(name, f"duplicate tensor name {name!r}", occurrence=2)
-            seen.add(name)
+        for name, value in header.items():
             if name == "__metadata__":
                 self.metadata = self.metadata_entry(value)
             else:
                 tensors.append(self.tensor(name, value))
-        tensors.sort(key=lambda t: (t.offset, t.nbytes))
+        if any(later.offset < earlier.offset for earlier, later in pairwise(tensors)):
+            tensors.sort(key=attrgetter("offset"))  # writers usually list them in order
         overlap = find_overlap(tensors)
         if overlap is not None:
             self.fail(overlap[0].name, overlap_problem(*overlap))
         self.tensors = {t.name: t for t in tensors}
 
-    def object_entry(self, name: str, value: object, what: str) -> dict[str, Any]:
-        if type(value) is not _JSONObject:
-            self.fail(name, f"{what} is not a JSON object")
-        entry = dict(value)
-        if len(entry) != len(value):
-            keys = [key for key, _ in value]
-            duplicate = next(key for key in keys if keys.count(key) > 1)
-            self.fail(name, f"{what} has a duplicate key {duplicate!r}")
-        return entry
+    def refuse_duplicate_keys(self) -> None:
+        """Raise FormatError for a duplicate top-level key (tensor name) or a
+        duplicate key inside a top-level entry."""
+        seen: set[str] = set()
+        for name, value in _PAIRS_DECODER.decode(self.text):
+            if name in seen:
+                self.fail(name, f"duplicate tensor name {name!r}", occurrence=2)
+            seen.add(name)
+            if type(value) is _JSONObject:
+                keys = [key for key, _ in value]
+                for key in keys:
+                    if keys.count(key) > 1:
+                        what = name if name == "__metadata__" else f"tensor {name!r}: entry"
+                        self.fail(name, f"{what} has a duplicate key {key!r}")
 
     def metadata_entry(self, value: object) -> dict[str, MetadataValue]:
-        entry = self.object_entry("__metadata__", value, "__metadata__")
-        if not all(type(v) is str for v in entry.values()):
-            self.fail("__metadata__", "__metadata__ is not an object of string values")
-        return entry
+        if type(value) is not dict or not all(type(v) is str for v in value.values()):
+            self.fail("__metadata__", "__metadata__ is not a JSON object of string values")
+        return value
 
-    def tensor(self, name: str, value: object) -> TensorInfo:
-        entry = self.object_entry(name, value, f"tensor {name!r}: entry")
+    def tensor(self, name: str, entry: object) -> TensorInfo:
+        if type(entry) is not dict:
+            self.fail(name, f"tensor {name!r}: entry is not a JSON object")
         code = entry.get("dtype")
         shape = entry.get("shape")
         offsets = entry.get("data_offsets")
@@ -382,6 +305,18 @@ class _HeaderParser:
         )
 
 
+_KEY_END = re.compile(r'"[ \t\n\r]*:')
+
+
+def _count_key_ends(text: str) -> int:
+    """An upper bound on the number of object keys in the JSON ``text``: every
+    key ends with ``"`` then optional whitespace then ``:`` (strings may hold
+    more such sequences, escaped, but never fewer)."""
+    if '" ' in text or '"\n' in text or '"\t' in text or '"\r' in text:
+        return len(_KEY_END.findall(text))
+    return text.count('":')
+
+
 def _top_level_key_positions(text: str) -> dict[str, list[int]]:
     """Character positions of each top-level key of the JSON object ``text``
     (every occurrence, in order); stops quietly at the first syntax error."""
@@ -404,7 +339,7 @@ def _top_level_key_positions(text: str) -> dict[str, list[int]]:
     return positions
 
 
-def _decode(path: Path, raw: bytes, base: int, what: str) -> str:
+def decode_utf8(path: Path, raw: bytes, base: int, what: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -417,54 +352,3 @@ _WHITESPACE = re.compile(r"[ \t\n\r]*")
 def _skip_ws(text: str, pos: int) -> int:
     match = _WHITESPACE.match(text, pos)
     return match.end() if match else pos
-
-
-class _DuplicateKey(Exception):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _DuplicateKey(key)
-            seen.add(key)
-    return result
-
-
-def _unique_decoder() -> json.JSONDecoder:
-    return json.JSONDecoder(object_pairs_hook=_unique_object)
-
-
-def _parse_json(path: Path, text: str, base: int, what: str) -> object:
-    """``json.loads`` with duplicate keys refused and every failure a FormatError
-    at the byte (``base`` + offset in ``text``) where it was found."""
-    try:
-        return _DECODER.decode(text)
-    except json.JSONDecodeError as exc:
-        at = base + len(text[: exc.pos].encode())
-        raise FormatError(path, at, f"{what} is not valid JSON: {exc.msg}") from None
-    except _DuplicateKey as exc:
-        at = base + _key_offset(text, exc.key, occurrence=2)
-        raise FormatError(path, at, f"duplicate key {exc.key!r} in the {what}") from None
-    except RecursionError:
-        raise FormatError(path, base, f"{what} nests JSON too deeply") from None
-
-
-def _key_offset(text: str, key: str, occurrence: int = 1) -> int:
-    """Byte offset in ``text`` of the ``occurrence``-th spelling of ``key`` as a
-    JSON string, or 0 if it is not spelled plainly (escaped differently)."""
-    needle = json.dumps(key, ensure_ascii=False)
-    pos = -1
-    for _ in range(occurrence):
-        pos = text.find(needle, pos + 1)
-        if pos < 0:
-            return 0
-    return len(text[:pos].encode())
-
-
-_DECODER = _unique_decoder()

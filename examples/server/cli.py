@@ -1,0 +1,158 @@
+"""Command line: ``python -m examples.server MODEL --budget 512MiB [--port 8080]``.
+
+Prints ``listening on http://HOST:PORT`` (the real port, also with ``--port 0``) once
+the model is open and the socket bound, and stops cleanly on SIGINT or SIGTERM: the
+listening socket closes, requests in flight get ``--shutdown-timeout`` seconds to
+finish (then are cancelled), the pager closes, the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import re
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+from aiohttp import web
+
+from .app import ServerConfig, make_app
+
+__all__ = ["main", "parse_size"]
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "k": 2**10,
+    "kib": 2**10,
+    "m": 2**20,
+    "mib": 2**20,
+    "g": 2**30,
+    "gib": 2**30,
+    "t": 2**40,
+    "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``"512MiB"``, ``"2GiB"``, ``"1.5GB"``, ``"64k"`` or ``"4096"``.
+
+    KB/MB/GB/TB are decimal; KiB/MiB/GiB/TiB and the bare K/M/G/T are binary.
+    Fractions round down to a whole byte.
+
+    Raises:
+        ValueError: not a size.
+    """
+    match = _SIZE.match(text)
+    unit = _UNITS.get(match.group(2).lower()) if match else None
+    if match is None or unit is None:
+        raise ValueError(f"not a size: {text!r} (e.g. 512MiB, 2GiB, 1.5GB, 4096)")
+    try:
+        return int(Decimal(match.group(1)) * unit)
+    except InvalidOperation:  # pragma: no cover - the pattern admits only numbers
+        raise ValueError(f"not a size: {text!r}") from None
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.server",
+        description="An aiohttp server running a toy forward pass over a model paged "
+        "by asyncpager.",
+    )
+    parser.add_argument("model", type=Path, help="a GGUF or safetensors model file")
+    parser.add_argument(
+        "--budget", type=_size_arg, required=True, help="RAM for weights, e.g. 512MiB"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
+    parser.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+    parser.add_argument("--prefetch", type=int, default=1, help="layers to prefetch ahead")
+    parser.add_argument("--policy", default="schedule", choices=["lru", "schedule"])
+    parser.add_argument("--threads", type=int, default=None, help="compute threads")
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=5.0,
+        help="seconds requests in flight get to finish at shutdown",
+    )
+    parser.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto")
+    parser.add_argument("--access-log", action="store_true", help="log every request")
+    return parser
+
+
+async def serve(args: argparse.Namespace) -> int:
+    config = ServerConfig(
+        model=args.model,
+        budget_bytes=args.budget,
+        prefetch_depth=args.prefetch,
+        policy=args.policy,
+        **({"compute_threads": args.threads} if args.threads else {}),
+    )
+    runner = web.AppRunner(
+        make_app(config),
+        handler_cancellation=True,  # a client that disconnects cancels its handler
+        shutdown_timeout=args.shutdown_timeout,
+        access_log=logging.getLogger("aiohttp.access") if args.access_log else None,
+    )
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    try:
+        await runner.setup()  # opens the model (the app's cleanup context)
+        site = web.TCPSite(runner, args.host, args.port)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"listening on http://{shown}:{port}", flush=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        print("shutting down", flush=True)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()  # drains requests, then closes the pager
+    print("stopped", flush=True)
+    return 0
+
+
+def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.access_log:
+        logging.getLogger("aiohttp.access").setLevel(logging.INFO)
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
+            return runner.run(serve(args))
+    except (OSError, ValueError) as exc:  # a bad model file, budget or address
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # before the signal handlers were installed
+        return 130

@@ -6,7 +6,7 @@ Endpoints:
 - ``POST /v1/forward``: JSON ``{"vector": [...]}`` or ``{"seed": n}`` (both optional;
   ``"layer_delay_ms"`` adds simulated compute per layer while its leases are held).
   Runs the toy forward pass of ``model.py`` layer by layer: each layer's tensors are
-  leased with ``acquire_layer`` through a :class:`RequestScope`, used by a worker
+  leased with ``acquire_layer`` through an :class:`asyncpager.RequestScope`, used by a worker
   thread, and released before the next layer is acquired, so a request holds at most
   one layer and requests cannot deadlock. Returns the result and where the time went.
 - ``GET /metrics``: Prometheus text format (the pager's collector and the server's
@@ -42,7 +42,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from prometheus_client import Histogram as PromHistogram
 
 import asyncpager as ap
-from asyncpager._request import RequestScope, RequestStats
 from asyncpager.metrics import PagerCollector, leases_held
 
 from .model import Tensor, input_vector, layer_forward, summarize
@@ -202,11 +201,11 @@ async def forward(request: web.Request) -> web.Response:
 
 async def _run_forward(
     state: ServerState, x: np.ndarray[Any, Any], delay: float
-) -> tuple[dict[str, Any], RequestStats, float]:
+) -> tuple[dict[str, Any], ap.RequestStats, float]:
     norms: list[float] = []
     crcs: list[int] = []
     compute = 0.0
-    async with RequestScope(state.pager) as scope:
+    async with ap.RequestScope(state.pager) as scope:
         for n in state.layer_order:
             async with scope.acquire_layer(n) as layer:
                 tensors: list[Tensor] = [

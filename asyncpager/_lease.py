@@ -44,7 +44,8 @@ class Lease:
         return self._released
 
     def release(self) -> None:
-        """Give the tensor back (idempotent). Never raises, never blocks."""
+        """Give the tensor back (idempotent). Never raises, never blocks; safe to
+        call from any thread (off the loop it is handed to the loop)."""
         if not self._released:
             self._released = True
             self._pager._release_entry(self._entry)

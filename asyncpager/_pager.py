@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -183,6 +184,11 @@ class Pager:
         self._demand_idle: asyncio.Event | None = None
         self._closed = False
         self._close_done: asyncio.Future[None] | None = None
+        # The loop the pager lives on: releases from other threads are handed to it.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = -1
+        with contextlib.suppress(RuntimeError):
+            self._bind_loop(asyncio.get_running_loop())
         self._tracer: Tracer | None = None
         self.index: Any = None  # the ModelIndex, when opened with ap.open
         self._reset_counters()
@@ -454,6 +460,8 @@ class Pager:
     async def _acquire_entries(
         self, entries: Sequence[Entry], timeout: float | None, t0: int
     ) -> LeaseGroup:
+        if self._loop is None:  # built outside a running loop: bind at first use
+            self._bind_loop(asyncio.get_running_loop())
         self._check_fits(entries)
         ticket = _Ticket(entries)
         waited = False
@@ -689,7 +697,18 @@ class Pager:
             e.prefetched = False
             self._pf_useful += 1
 
+    def _bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+
     def _release_entry(self, e: Entry) -> None:
+        """Give back one lease. Thread-safe: called off the loop's thread (e.g. at
+        the end of ``asyncio.to_thread`` work on a leased array), it is handed to the
+        loop, and the tensor stays held until the loop runs it."""
+        if threading.get_ident() != self._loop_thread and self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to wake
+                self._loop.call_soon_threadsafe(self._release_entry, e)
+            return
         if e.leases <= 0:
             return
         e.leases -= 1

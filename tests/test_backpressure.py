@@ -161,3 +161,25 @@ async def test_waiter_cancelled_as_room_frees_is_skipped(make_pager: PagerFactor
     assert pager.lease_count("t1") == 0
     (await w2).release()
     assert_invariants(pager)
+
+
+async def test_release_from_a_worker_thread_wakes_the_waiter(make_pager: PagerFactory) -> None:
+    """Servers compute on leased arrays in threads and may release there: the
+    release is handed to the loop, and the waiter for room is woken."""
+    blob, infos = make_tensors([PAGE] * 2)
+    pager = make_pager(ap.MemorySource(blob), infos, budget_bytes=PAGE)
+    held = await pager.acquire("t0")
+    waiter = asyncio.create_task(pager.acquire("t1"))
+    await asyncio.sleep(0)
+    assert pager.waiting == 1
+
+    def compute_then_release() -> int:
+        total = int(held.array.sum())
+        held.release()
+        return total
+
+    assert await asyncio.to_thread(compute_then_release) == sum(blob[:PAGE])
+    lease = await waiter
+    assert pager.lease_count("t0") == 0
+    lease.release()
+    assert_invariants(pager)

@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
+SEEDS  ?= 200
 
 .PHONY: install dev test lint typecheck pytest demo bench soak fuzz clean
 
@@ -44,7 +45,7 @@ bench: dev
 
 # Long runs, not part of `make test`.
 soak: dev
-	ASYNCPAGER_SOAK_SEEDS=200 $(BIN)/python -m pytest -W error -m slow tests/test_chaos.py -p no:randomly
+	ASYNCPAGER_SOAK_SEEDS=$(SEEDS) $(BIN)/python -m pytest -W error -m slow tests/test_chaos.py
 
 fuzz: dev
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -W error tests/test_format_fuzz.py tests/test_state_machine.py

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ._pager import Pager
-from ._stats import PagerStats
+from ._stats import LatencyHistogram, PagerStats
 
 __all__ = ["DecodeResult", "run_decode"]
 
@@ -138,18 +138,12 @@ async def run_decode(
     finally:
         if compute_pool is not None:
             compute_pool.shutdown(wait=True)
+    # p50/p99 of acquire latency over every outcome: merge the live histograms
+    # (before stats() would be the same; the histograms are exact to their buckets).
+    h = pager.histograms()
+    acquires = LatencyHistogram.merged(h["acquire_hit"], h["acquire_joined"], h["acquire_miss"])
     st = pager.stats()
-    groups = st.acquire_hit.count + st.acquire_joined.count + st.acquire_miss.count
-    # p50/p99 of acquire latency over all outcomes, from the three histograms
-    merged = sorted(
-        (s.p50, s.count) for s in (st.acquire_hit, st.acquire_joined, st.acquire_miss) if s.count
-    )
-    p50 = _weighted_quantile(merged, 0.5)
-    p99 = max(
-        (s.p99 for s in (st.acquire_hit, st.acquire_joined, st.acquire_miss) if s.count),
-        default=0.0,
-    )
-    del groups
+    p50, p99 = acquires.percentile(0.5), acquires.percentile(0.99)
     return DecodeResult(
         tokens=tokens,
         layers=len(schedule),
@@ -164,15 +158,3 @@ async def run_decode(
         acquire_p99=p99,
         stats=st,
     )
-
-
-def _weighted_quantile(pairs: list[tuple[float, int]], q: float) -> float:
-    total = sum(c for _, c in pairs)
-    if not total:
-        return 0.0
-    seen = 0
-    for value, count in pairs:
-        seen += count
-        if seen >= q * total:
-            return value
-    return pairs[-1][0]

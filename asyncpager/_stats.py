@@ -79,6 +79,17 @@ class LatencyHistogram:
             sum=self.total_ns / 1e9,
         )
 
+    @classmethod
+    def merged(cls, *histograms: LatencyHistogram) -> LatencyHistogram:
+        """One histogram holding every event of ``histograms`` (same buckets, exact)."""
+        out = cls()
+        for h in histograms:
+            out._counts = [a + b for a, b in zip(out._counts, h._counts, strict=True)]
+            out.count += h.count
+            out.total_ns += h.total_ns
+            out.max_ns = max(out.max_ns, h.max_ns)
+        return out
+
     def reset(self) -> None:
         self._counts = [0] * _N_BUCKETS
         self.count = self.total_ns = self.max_ns = 0

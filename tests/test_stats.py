@@ -228,3 +228,18 @@ async def test_stats_as_dict_is_json_ready(make_pager: PagerFactory) -> None:
         "load",
         "budget_wait",
     }
+
+
+def test_merged_histogram_holds_every_event() -> None:
+    from asyncpager import LatencyHistogram
+
+    fast, slow = LatencyHistogram(), LatencyHistogram()
+    for _ in range(90):
+        fast.record(1_000)
+    for _ in range(10):
+        slow.record(1_000_000)
+    both = LatencyHistogram.merged(fast, slow)
+    assert both.count == 100
+    assert both.max_ns == 1_000_000
+    assert both.percentile(0.5) < 2e-6  # the median is a fast event
+    assert both.percentile(0.95) > 5e-4  # the tail is a slow one

@@ -15,10 +15,11 @@ from ._errors import (
     SourceError,
     TensorNotFound,
 )
+from ._flight import LoadFlight
 from ._formats import ArraySummary, ModelIndex, read_index
 from ._lease import AcquireContext, Lease, LeaseGroup
 from ._open import HotSet, open
-from ._pager import LoadFlight, Pager
+from ._pager import Pager
 from ._request import RequestScope, RequestStats
 from ._sources import AiofilesSource, FileSource, MemorySource, MmapSource, MultiFileSource, Source
 from ._stats import LatencyHistogram, LatencySummary, PagerStats

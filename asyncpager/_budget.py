@@ -28,7 +28,7 @@ from ._schedule import NEVER, Schedule
 from ._tensor import TensorInfo
 
 if TYPE_CHECKING:
-    from ._pager import LoadFlight
+    from ._flight import LoadFlight
 
 __all__ = [
     "Entry",

@@ -29,6 +29,7 @@ import numpy as np
 
 from ._budget import Entry, EvictionPolicy
 from ._errors import PagerClosed, SourceError
+from ._executor import BACKGROUND, io_priority
 from ._pool import PAGE, BufferPool, allocate_block, view_start
 from ._sources import Source, split_chunks
 from ._stats import LatencyHistogram
@@ -170,6 +171,8 @@ class FlightMixin:
         demand = not group.prefetch
         if demand:
             self._demand_reads += 1
+        else:
+            io_priority.set(BACKGROUND)  # this task's context only
         try:
             try:
                 await self._allocate_blocks(flights)
@@ -248,12 +251,12 @@ class FlightMixin:
 
     async def _read(self, group: LoadGroup, offset: int, bufs: list[memoryview]) -> None:
         total = sum(b.nbytes for b in bufs)
-        if not group.prefetch or total <= _PREFETCH_CHUNK:
-            if group.prefetch:
-                await self._wait_demand_idle(group)
+        if not group.prefetch or self._source.prioritized:
+            # A prioritized source queues this task's background reads behind demand
+            # ones itself (io_priority is set for the whole prefetch task).
             await self._timed_read(offset, bufs, total)
             return
-        # A prefetch: one chunk at a time, yielding to demand reads between chunks.
+        # Otherwise: one chunk at a time, and only while no demand read is in flight.
         for job_offset, job in split_chunks(offset, bufs, _PREFETCH_CHUNK):
             await self._wait_demand_idle(group)
             await self._timed_read(job_offset, job, sum(b.nbytes for b in job))

@@ -30,6 +30,7 @@ from typing import Any, Self, TypeVar
 import numpy as np
 
 from ._errors import SourceError
+from ._executor import PriorityThreadPool
 
 __all__ = [
     "AiofilesSource",
@@ -65,6 +66,10 @@ class Source(abc.ABC):
     size: int
     alignment: int = 1
     executor: concurrent.futures.Executor | None = None
+    #: True when the source's reads honour :data:`io_priority` (demand reads queued
+    #: ahead of background ones); otherwise the pager holds prefetch reads back while
+    #: any demand read is in flight.
+    prioritized: bool = False
 
     @abc.abstractmethod
     async def read_into(self, offset: int, out: memoryview) -> None:
@@ -238,9 +243,8 @@ class FileSource(Source):
             raise SourceError(f"{path}: cannot open: {exc.strerror}") from exc
         self._workers = max(1, io_workers)
         self._own_executor = executor is None
-        self.executor = executor or concurrent.futures.ThreadPoolExecutor(
-            max_workers=io_workers, thread_name_prefix="asyncpager-io"
-        )
+        self.executor = executor or PriorityThreadPool(io_workers, "asyncpager-io")
+        self.prioritized = isinstance(self.executor, PriorityThreadPool)
         self._lock = threading.Lock()
 
     @property
@@ -302,9 +306,8 @@ class MultiFileSource(Source):
     sum of the sizes of files 0..k-1. The files share one bounded executor."""
 
     def __init__(self, paths: Sequence[str | os.PathLike[str]], *, io_workers: int = 2) -> None:
-        self.executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=io_workers, thread_name_prefix="asyncpager-io"
-        )
+        self.executor = PriorityThreadPool(io_workers, "asyncpager-io")
+        self.prioritized = True
         self._files: list[FileSource] = []
         try:
             for p in paths:
@@ -376,9 +379,8 @@ class MmapSource(Source):
                 )
         except OSError as exc:
             raise SourceError(f"{path}: cannot map: {exc.strerror}") from exc
-        self.executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=io_workers, thread_name_prefix="asyncpager-mmap"
-        )
+        self.executor = PriorityThreadPool(io_workers, "asyncpager-mmap")
+        self.prioritized = True
         self._closed = False
 
     def _copy(self, offset: int, out: memoryview) -> None:

@@ -101,6 +101,11 @@ class Pager(FlightMixin):
             raise ValueError(f"prefetch_depth must be >= 0, not {prefetch_depth}")
         if verify not in (None, "crc32"):
             raise ValueError(f"verify must be None or 'crc32', not {verify!r}")
+        if not isinstance(getattr(source, "size", None), int):
+            raise TypeError(
+                f"{type(source).__name__} has no integer 'size': a Source subclass must set "
+                "self.size (the total bytes) and implement async read_into(offset, out)"
+            )
         infos = list(tensors.values()) if isinstance(tensors, Mapping) else list(tensors)
         self._source = source
         self._owns_source = owns_source

@@ -177,14 +177,21 @@ class PagerCollector:
         (the same label names as the first pager's, other values).
 
         Raises:
-            ValueError: the label names differ from the first pager's.
+            ValueError: the label names differ from the first pager's, or these label
+                values are already taken (two pagers would export the same series).
         """
         labels = labels or {}
         if list(labels) != self._label_names:
             raise ValueError(
                 f"label names {list(labels)} differ from the collector's {self._label_names}"
             )
-        self._pagers.append((pager, [str(v) for v in labels.values()]))
+        values = [str(v) for v in labels.values()]
+        if any(values == seen for _, seen in self._pagers):
+            raise ValueError(
+                f"a pager with labels {dict(labels)} is already exported: give each pager "
+                "its own label values (e.g. labels={'model': ...} on the constructor and add())"
+            )
+        self._pagers.append((pager, values))
 
     def describe(self) -> Iterator[Metric]:
         """The metric families without samples (lets a registry check names without

@@ -29,8 +29,9 @@ from typing import Literal, final
 
 from ._errors import SourceError
 from ._sources import Source
+from ._synth import write_synthetic_gguf
 
-__all__ = ["Fault", "FaultySource"]
+__all__ = ["Fault", "FaultySource", "write_synthetic_gguf"]
 
 #: ``"eio"``: raise SourceError chained to OSError(EIO) without reading;
 #: ``"short"``: fill only the first half of the destination, then raise SourceError

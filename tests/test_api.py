@@ -70,3 +70,12 @@ async def test_repr_and_stats(make_pager: PagerFactory) -> None:
     assert pager.stats(reset=True).misses == 1
     assert pager.stats().misses == 0
     assert pager.stats().resident_bytes == 64  # gauges are not reset
+
+
+def test_a_source_without_size_gets_a_clear_error() -> None:
+    class NoSize(ap.Source):
+        async def read_into(self, offset: int, out: memoryview) -> None:
+            out[:] = bytes(out.nbytes)
+
+    with pytest.raises(TypeError, match=r"must set self\.size"):
+        ap.Pager(NoSize(), [ap.TensorInfo("a", 0, 64)], budget_bytes=64)

@@ -208,3 +208,16 @@ async def test_leases_held(make_pager: PagerFactory) -> None:
     group.release()
     extra.release()
     assert leases_held(pager) == 0
+
+
+async def test_two_pagers_with_the_same_labels_are_refused() -> None:
+    import asyncpager as ap
+    from asyncpager.metrics import PagerCollector
+
+    one = ap.Pager(ap.MemorySource(bytes(64)), [ap.TensorInfo("a", 0, 64)], budget_bytes=64)
+    two = ap.Pager(ap.MemorySource(bytes(64)), [ap.TensorInfo("a", 0, 64)], budget_bytes=64)
+    collector = PagerCollector(one)
+    with pytest.raises(ValueError, match="already exported"):
+        collector.add(two)
+    await one.close()
+    await two.close()

@@ -110,3 +110,32 @@ def test_layers(gemma_index: ModelIndex) -> None:
     assert unlayered == ["output_norm.weight", "token_embd.weight"]
     assert gemma_index.nbytes == sum(t.nbytes for t in gemma_index)
     assert gemma_index.files == ((gemma_index.path, gemma_index.path.stat().st_size),)
+
+
+async def test_every_tensor_through_a_pager_smaller_than_the_model(
+    gemma_file: Path, gemma_index: ModelIndex, gemma_reader: Any
+) -> None:
+    """All 236 tensors read through ap.open with a 64 MiB budget (the model is 247 MB):
+    bytes, dtype and shape as GGUFReader sees them; the 178 MB token embedding can
+    never fit and says so at once; the budget holds throughout."""
+    import asyncpager as ap
+
+    budget = 64 << 20
+    reference = {rt.name: rt for rt in gemma_reader.tensors}
+    async with ap.open(gemma_file, budget_bytes=budget, prefetch_depth=1) as pager:
+        assert gemma_index.nbytes > budget
+        too_big = [n for n in gemma_index.tensors if pager.charge_of(n) > budget]
+        assert too_big == ["token_embd.weight"]
+        with pytest.raises(ap.BudgetExceeded):
+            await pager.acquire("token_embd.weight")
+        for name in gemma_index.tensors:
+            if name in too_big:
+                continue
+            async with pager.acquire(name) as lease:
+                rt = reference[name]
+                assert lease.array.tobytes() == rt.data.tobytes(), name
+                assert lease.array.dtype == gemma_index.tensors[name].dtype
+            assert pager.resident_bytes + pager.inflight_bytes <= budget
+        st = pager.stats()
+        assert st.evictions > 0
+        assert st.load_errors == 0

@@ -147,6 +147,13 @@ class FlightMixin:
         """Undo a load nobody wants that has not started reading: its room goes
         back at once."""
         flight.aborted = True
+        self._unreserve(flight)
+        flight.future.cancel()
+
+    def _unreserve(self, flight: LoadFlight) -> None:
+        """Detach a flight that did not land from its tensor and give back what it
+        reserved: the in-flight bytes (to the pinned reserve for a pinned tensor) and
+        its block (to the pool)."""
         e = flight.entry
         if e.flight is flight:
             e.flight = None
@@ -156,7 +163,6 @@ class FlightMixin:
         if flight.block is not None:
             self._pool.give(flight.block)
             flight.block = None
-        flight.future.cancel()
 
     # ------------------------------------------------------------------ loading
 
@@ -337,15 +343,7 @@ class FlightMixin:
             error.__cause__ = exc
         prefetch = flights[0].group.prefetch
         for f in flights:
-            e = f.entry
-            if e.flight is f:
-                e.flight = None
-            self._inflight_bytes -= e.charge
-            if e.pinned:
-                self._pinned_reserve += e.charge
-            if f.block is not None:
-                self._pool.give(f.block)
-                f.block = None
+            self._unreserve(f)
             if not isinstance(error, PagerClosed):
                 self._load_errors += 1
             if not f.future.done():

@@ -47,8 +47,8 @@ def parse_size(text: str) -> int:
     unit = match.group(2).lower() if match else ""
     if match is None or unit not in _UNITS:
         raise ValueError(
-            f"invalid size {text!r}: use a number of bytes with an optional unit, "
-            "such as 4096, 512MiB, 2GiB, 1.5GB or 64k"
+            f"invalid size {text!r}: not a size; use a number of bytes with an optional "
+            "unit, such as 4096, 512MiB, 2GiB, 1.5GB or 64k"
         )
     number = match.group(1)
     scale = _UNITS[unit]

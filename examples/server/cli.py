@@ -11,55 +11,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from aiohttp import web
 
+from asyncpager._sizes import parse_size
+
 from .app import ServerConfig, make_app
 
 __all__ = ["main", "parse_size"]
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "k": 2**10,
-    "kib": 2**10,
-    "m": 2**20,
-    "mib": 2**20,
-    "g": 2**30,
-    "gib": 2**30,
-    "t": 2**40,
-    "tib": 2**40,
-}
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
-
-
-def parse_size(text: str) -> int:
-    """Bytes from ``"512MiB"``, ``"2GiB"``, ``"1.5GB"``, ``"64k"`` or ``"4096"``.
-
-    KB/MB/GB/TB are decimal; KiB/MiB/GiB/TiB and the bare K/M/G/T are binary.
-    Fractions round down to a whole byte.
-
-    Raises:
-        ValueError: not a size.
-    """
-    match = _SIZE.match(text)
-    unit = _UNITS.get(match.group(2).lower()) if match else None
-    if match is None or unit is None:
-        raise ValueError(f"not a size: {text!r} (e.g. 512MiB, 2GiB, 1.5GB, 4096)")
-    try:
-        return int(Decimal(match.group(1)) * unit)
-    except InvalidOperation:  # pragma: no cover - the pattern admits only numbers
-        raise ValueError(f"not a size: {text!r}") from None
 
 
 def _size_arg(text: str) -> int:

@@ -28,11 +28,11 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any, NoReturn
 
-import ml_dtypes
 import numpy as np
 
 from .._errors import FormatError
 from .._tensor import TensorInfo
+from ._dtypes import numpy_dtype
 from ._index import MetadataValue, ModelIndex, find_overlap, layer_of, overlap_problem
 
 __all__ = [
@@ -49,43 +49,33 @@ _UINT8 = np.dtype(np.uint8)
 _SHAPE_LIMIT = 1 << 64
 
 
-def _dtypes() -> dict[str, tuple[np.dtype[Any] | None, int]]:
-    """safetensors dtype code -> (numpy dtype, bits per element). Packed
-    sub-byte types have no numpy dtype: their bytes are exposed as ``uint8``."""
-    table: dict[str, tuple[np.dtype[Any] | None, int]] = {
-        code: (np.dtype(spec), np.dtype(spec).itemsize * 8)
-        for code, spec in {
-            "BOOL": "?",
-            "U8": "u1",
-            "I8": "i1",
-            "U16": "<u2",
-            "I16": "<i2",
-            "U32": "<u4",
-            "I32": "<i4",
-            "U64": "<u8",
-            "I64": "<i8",
-            "F16": "<f2",
-            "F32": "<f4",
-            "F64": "<f8",
-            "C64": "<c8",
-        }.items()
-    }
-    for code, name in {
-        "BF16": "bfloat16",
-        "F8_E4M3": "float8_e4m3fn",
-        "F8_E5M2": "float8_e5m2",
-        "F8_E8M0": "float8_e8m0fnu",
-        "F8_E4M3FNUZ": "float8_e4m3fnuz",
-        "F8_E5M2FNUZ": "float8_e5m2fnuz",
-    }.items():
-        scalar = getattr(ml_dtypes, name, None)
-        dtype = np.dtype(scalar) if scalar is not None else None
-        table[code] = (dtype, 16 if code == "BF16" else 8)
-    table |= {"F4": (None, 4), "F6_E2M3": (None, 6), "F6_E3M2": (None, 6)}
-    return table
-
-
-SAFETENSORS_DTYPES = _dtypes()
+# safetensors dtype code -> (numpy dtype spec, bits per element); the spec is
+# resolved by ``numpy_dtype`` on first use (``ml_dtypes`` ones import it then).
+# Packed sub-byte types have no numpy dtype: their bytes are exposed as ``uint8``.
+SAFETENSORS_DTYPES: dict[str, tuple[str | None, int]] = {
+    "BOOL": ("?", 8),
+    "U8": ("u1", 8),
+    "I8": ("i1", 8),
+    "U16": ("<u2", 16),
+    "I16": ("<i2", 16),
+    "U32": ("<u4", 32),
+    "I32": ("<i4", 32),
+    "U64": ("<u8", 64),
+    "I64": ("<i8", 64),
+    "F16": ("<f2", 16),
+    "F32": ("<f4", 32),
+    "F64": ("<f8", 64),
+    "C64": ("<c8", 64),
+    "BF16": ("ml_dtypes.bfloat16", 16),
+    "F8_E4M3": ("ml_dtypes.float8_e4m3fn", 8),
+    "F8_E5M2": ("ml_dtypes.float8_e5m2", 8),
+    "F8_E8M0": ("ml_dtypes.float8_e8m0fnu", 8),
+    "F8_E4M3FNUZ": ("ml_dtypes.float8_e4m3fnuz", 8),
+    "F8_E5M2FNUZ": ("ml_dtypes.float8_e5m2fnuz", 8),
+    "F4": (None, 4),
+    "F6_E2M3": (None, 6),
+    "F6_E3M2": (None, 6),
+}
 
 
 def read_safetensors(path: Path, *, given: Path | None = None) -> ModelIndex:
@@ -270,7 +260,8 @@ class SafetensorsFile:
             or not 0 <= offsets[0] <= offsets[1]
         ):
             self.fail(name, f"tensor {name!r}: data_offsets {offsets!r} are not [begin, end]")
-        dtype, bits = kind
+        spec, bits = kind
+        dtype = None if spec is None else numpy_dtype(spec)
         nbits = n_elements * bits
         begin, end = offsets
         if nbits % 8 or end - begin != nbits // 8:

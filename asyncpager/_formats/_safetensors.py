@@ -13,12 +13,16 @@ Invariants:
   file, and no two non-empty tensors overlap (gaps are allowed).
 - A file parsed at ``base`` gets offsets ``base + 8 + header length + begin``,
   so shards can be laid end to end.
+- The header is standard JSON (no ``NaN``/``Infinity``, no lone surrogate
+  escapes: see ``_json``), and every shape is one numpy can hold, with a zero
+  dimension unable to hide a huge one (``_index.shape_problem``).
 - Every malformed input raises ``FormatError(path, offset, problem)``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -33,7 +37,15 @@ import numpy as np
 from .._errors import FormatError
 from .._tensor import TensorInfo
 from ._dtypes import numpy_dtype
-from ._index import MetadataValue, ModelIndex, find_overlap, layer_of, overlap_problem
+from ._index import (
+    MetadataValue,
+    ModelIndex,
+    find_overlap,
+    layer_of,
+    overlap_problem,
+    shape_problem,
+)
+from ._json import decode_json, strict_decoder
 
 __all__ = [
     "MAX_HEADER_SIZE",
@@ -46,7 +58,6 @@ __all__ = [
 MAX_HEADER_SIZE = 100_000_000  # the limit the reference implementation enforces
 _U64 = struct.Struct("<Q")
 _UINT8 = np.dtype(np.uint8)
-_SHAPE_LIMIT = 1 << 64
 
 
 # safetensors dtype code -> (numpy dtype spec, bits per element); the spec is
@@ -138,6 +149,7 @@ class _JSONObject(list[tuple[str, Any]]):
 
 
 _PAIRS_DECODER = json.JSONDecoder(object_pairs_hook=_JSONObject)
+_STRICT_DECODER = strict_decoder()
 
 
 class SafetensorsFile:
@@ -185,13 +197,7 @@ class SafetensorsFile:
         if not self.raw.startswith(b"{"):
             raise FormatError(self.path, 8, "header does not start with '{'")
         self.text = text = decode_utf8(self.path, self.raw, 8, "header")
-        try:
-            header = json.loads(text)
-        except json.JSONDecodeError as exc:
-            at = 8 + len(text[: exc.pos].encode())
-            raise FormatError(self.path, at, f"header is not valid JSON: {exc.msg}") from None
-        except RecursionError:
-            raise FormatError(self.path, 8, "header nests JSON too deeply") from None
+        header = decode_json(self.path, text, 8, "header", _STRICT_DECODER)
         if type(header) is not dict:  # pragma: no cover - it starts with '{'
             raise FormatError(self.path, 8, "header is not a JSON object")
         # json.loads keeps the last of duplicate keys: if the text may hold
@@ -243,15 +249,16 @@ class SafetensorsFile:
             self.fail(name, f"tensor {name!r}: unknown dtype {code!r}")
         if type(shape) is not list:
             self.fail(name, f"tensor {name!r}: shape {shape!r} is not a list of non-negative ints")
-        n_elements = 1
         for dim in shape:
             if type(dim) is not int or dim < 0:
                 self.fail(
                     name, f"tensor {name!r}: shape {shape!r} is not a list of non-negative ints"
                 )
-            n_elements *= dim
-            if n_elements >= _SHAPE_LIMIT:
-                self.fail(name, f"tensor {name!r}: shape {shape} overflows 64 bits")
+        spec, bits = kind
+        problem = shape_problem(shape, bits)
+        if problem is not None:
+            self.fail(name, f"tensor {name!r} of {code}: {problem}")
+        n_elements = math.prod(shape)
         if (
             type(offsets) is not list
             or len(offsets) != 2
@@ -260,7 +267,6 @@ class SafetensorsFile:
             or not 0 <= offsets[0] <= offsets[1]
         ):
             self.fail(name, f"tensor {name!r}: data_offsets {offsets!r} are not [begin, end]")
-        spec, bits = kind
         dtype = None if spec is None else numpy_dtype(spec)
         nbits = n_elements * bits
         begin, end = offsets

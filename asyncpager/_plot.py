@@ -4,7 +4,7 @@ acquire-latency histogram, so overlap (or its absence) shows at a glance.
 Built from what a run leaves behind: the trace events (``Pager.stop_trace``: spans
 "load"/"prefetch" with ``args.tensor``, "compute" with ``args.layer``, instants
 "evict") and the histograms' buckets (``Pager.histograms()``). matplotlib is an
-optional extra (``pip install 'asyncpager[plot]'``); it is imported only when a
+optional extra (``pip install -e '.[plot]'`` in a checkout); it is imported only when a
 picture is drawn, and drawn with the Agg canvas on a private ``Figure`` — never
 through ``pyplot``, so a caller's backend and open figures are left alone.
 """

@@ -51,7 +51,7 @@ __all__ = ["main"]
 T = TypeVar("T")
 
 _PROG = "asyncpager"
-_NO_MATPLOTLIB = "matplotlib is not installed (pip install 'asyncpager[plot]')"
+_NO_MATPLOTLIB = "matplotlib is not installed (pip install matplotlib: the plot extra)"
 
 
 class UsageError(Exception):
@@ -129,7 +129,7 @@ def _loop_factory(choice: str) -> tuple[Callable[[], asyncio.AbstractEventLoop] 
     except ImportError:
         if choice == "uvloop":
             raise UsageError(
-                "--loop uvloop: uvloop is not installed (pip install 'asyncpager[fast]')"
+                "--loop uvloop: uvloop is not installed (pip install -e '.[fast]' in a checkout)"
             ) from None
         return None, "asyncio"
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop

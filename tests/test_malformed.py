@@ -18,6 +18,7 @@ from asyncpager import read_index
 from asyncpager._errors import FormatError
 from asyncpager.cli import main
 from tests.formatgen import (
+    malformed_gguf,
     malformed_safetensors,
     safetensors_bytes,
     write_malformed_models,
@@ -46,6 +47,13 @@ def test_every_malformed_file_is_a_format_error(corpus: list[Path]) -> None:
 
 
 def _reference_loads(path: Path) -> None:
+    """Read every tensor of ``path`` with the reference reader of its format."""
+    if path.suffix == ".gguf":
+        from gguf import GGUFReader
+
+        for tensor in GGUFReader(path).tensors:
+            assert tensor.data.shape is not None
+        return
     from safetensors import safe_open
 
     with safe_open(str(path), "np") as file:
@@ -53,23 +61,38 @@ def _reference_loads(path: Path) -> None:
             file.get_tensor(name)
 
 
-# Files asyncpager refuses that the reference reader (with numpy 2) accepts, on
-# purpose: a dimension of 2**62 behind a zero in a type whose empty array numpy
-# can still shape; a duplicate tensor name (the reference silently keeps one);
-# 33 dimensions (numpy 1.x's limit is 32).
-STRICTER_THAN_REFERENCE = {"zero-by-huge-u8", "duplicate-name", "too-many-dims"}
+# Files asyncpager refuses that the reference reader (safetensors or gguf, with
+# numpy 2) accepts, on purpose: a dimension of 2**62 behind a zero in a type whose
+# empty array numpy can still shape; a duplicate tensor name (the safetensors
+# reader silently keeps one); 33 dimensions (numpy 1.x's limit is 32); a string
+# or tensor that runs past the end, a misaligned or overlapping tensor (the gguf
+# reader does not check).
+STRICTER_THAN_REFERENCE = {
+    "zero-by-huge-u8.safetensors",
+    "duplicate-name.safetensors",
+    "too-many-dims.safetensors",
+    "truncated-string.gguf",
+    "zero-by-huge-q8.gguf",
+    "misaligned-offset.gguf",
+    "overlap.gguf",
+}
+_CORPUS = [(f"{name}.safetensors", data) for name, data in malformed_safetensors().items()]
+_CORPUS += [(f"{name}.gguf", data) for name, data in malformed_gguf().items()]
 
 
-@pytest.mark.parametrize("defect", sorted(malformed_safetensors()))
-def test_reference_safetensors_refuses_what_we_refuse(tmp_path: Path, defect: str) -> None:
-    path = tmp_path / f"{defect}.safetensors"
-    path.write_bytes(malformed_safetensors()[defect])
+@pytest.mark.filterwarnings("ignore::UserWarning")  # gguf's reader warns as it reads
+@pytest.mark.parametrize(("name", "data"), _CORPUS, ids=[name for name, _ in _CORPUS])
+def test_the_reference_reader_refuses_no_file_we_accept(
+    tmp_path: Path, name: str, data: bytes
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(data)
     with pytest.raises(FormatError):
         read_index(path)
-    if defect in STRICTER_THAN_REFERENCE:
+    if name in STRICTER_THAN_REFERENCE:
         _reference_loads(path)
     else:
-        with pytest.raises(Exception):  # noqa: B017, PT011 - any refusal will do
+        with pytest.raises(Exception):  # noqa: B017, PT011 - SafetensorError, ValueError, ...
             _reference_loads(path)
 
 

@@ -147,3 +147,31 @@ def test_inspect_in_a_subprocess(corpus: list[Path], defect: str) -> None:
     assert proc.stdout == ""
     (line,) = proc.stderr.strip().splitlines()
     assert path.name in line
+
+
+@pytest.mark.parametrize(
+    ("name", "lone_at"),
+    [
+        pytest.param("\\ud83d\\ude00", None, id="pair"),
+        pytest.param("\\ud83d\\ude00\\ud83d\\ude01", None, id="two-pairs"),
+        pytest.param("\\\\ud800", None, id="escaped-backslash-then-u"),
+        pytest.param("\\\\\\ud800", 2, id="escaped-backslash-then-escape"),
+        pytest.param("a\\ud83d b\\ude00", 1, id="pair-split"),
+        pytest.param("\\ud83d\\ud83d\\ude00", 0, id="high-then-pair"),
+        pytest.param("\\ude00", 0, id="low-alone"),
+        pytest.param("x\\uD800", 1, id="upper-case-hex"),
+        pytest.param("\\u00e9\\ud800", 6, id="after-another-escape"),
+    ],
+)
+def test_lone_surrogate_escapes_are_found_exactly(
+    tmp_path: Path, name: str, lone_at: int | None
+) -> None:
+    text = '{"' + name + '": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}'
+    path = tmp_path / "names.safetensors"
+    path.write_bytes(safetensors_bytes(text, b"\0"))
+    if lone_at is None:
+        assert len(read_index(path)) == 1
+        return
+    with pytest.raises(FormatError, match="lone UTF-16 surrogate") as info:
+        read_index(path)
+    assert info.value.offset == 8 + 2 + lone_at

@@ -175,3 +175,23 @@ def test_lone_surrogate_escapes_are_found_exactly(
     with pytest.raises(FormatError, match="lone UTF-16 surrogate") as info:
         read_index(path)
     assert info.value.offset == 8 + 2 + lone_at
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape"),
+    [
+        pytest.param("f4", (0, 2**62), id="zero-by-huge"),
+        pytest.param("u1", (2**62, 0, 4), id="huge-by-zero"),
+        pytest.param("u1", (1,) * 33 + (0,), id="too-many-dims"),
+    ],
+)
+def test_a_tensor_info_numpy_cannot_shape_is_refused(dtype: str, shape: tuple[int, ...]) -> None:
+    """A TensorInfo made by hand (not by a parser) is held to the same rule: the
+    pager's view of its bytes can always be made."""
+    import asyncpager as ap
+
+    if len(shape) > 32 and np.lib.NumpyVersion(np.__version__) >= "2.0.0":
+        shape = (1,) * 65 + (0,)  # numpy 2 allows 64 dimensions
+    with pytest.raises(ValueError, match="numpy cannot shape"):
+        ap.TensorInfo("t", 0, 0, dtype, shape)
+    assert ap.TensorInfo("t", 0, 0, dtype, (0, 4096)).shape == (0, 4096)

@@ -198,7 +198,7 @@ async def test_sigterm_answers_every_request_in_flight(model: Model) -> None:
     """Requests that finish within --shutdown-timeout get their answer; those that
     would not are cancelled and get 503 with a JSON error, never a hang-up."""
     path, budget, expected = model
-    server = await ServerProcess.start(path, budget, "--shutdown-timeout", "2")
+    server = await ServerProcess.start(path, budget, "--shutdown-timeout", "3")
     async with server, aiohttp.ClientSession() as session:
         await wait_quiet(session, server.url)
 
@@ -208,7 +208,7 @@ async def test_sigterm_answers_every_request_in_flight(model: Model) -> None:
                 return resp.status, await resp.json()
 
         slow = [asyncio.create_task(request(1000)) for _ in range(3)]  # 8 x 1 s: too long
-        short = asyncio.create_task(request(60))  # 8 x 60 ms: done within the grace time
+        short = asyncio.create_task(request(150))  # 8 x 150 ms: done within the grace time
         async with asyncio.timeout(20):
             for _ in range(500):  # polling a subprocess: no event to wait on
                 health = await get_json(session, f"{server.url}/healthz")

@@ -690,12 +690,16 @@ class Pager(FlightMixin):
 
     def _fail_impossible_waiters(self) -> None:
         for ticket in list(self._queue):
+            assert ticket.future is not None
+            if ticket.future.done():
+                # Cancelled (or timed out) and not cleaned up yet: nobody to tell.
+                self._queue.remove(ticket)
+                continue
             try:
                 self._check_fits(ticket.entries)
             except BudgetExceeded as exc:
                 self._queue.remove(ticket)
                 ticket.state = _FAILED
-                assert ticket.future is not None
                 ticket.future.set_exception(exc)
         if not self._closed:
             self._pump()

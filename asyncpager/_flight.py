@@ -369,7 +369,8 @@ class FlightMixin:
         info = f.entry.info
         raw = np.frombuffer(dest.toreadonly(), np.uint8)[info.offset - offset :][: info.nbytes]
         shape = info.shape if info.shape is not None else (-1,)
-        return raw.view(info.dtype).reshape(shape)
+        array: np.ndarray[Any, Any] = raw.view(info.dtype).reshape(shape)
+        return array
 
     def _finish_failed(self, flights: list[LoadFlight], exc: BaseException) -> None:
         if isinstance(exc, SourceError | PagerClosed):

@@ -49,6 +49,35 @@ Verify = Literal["crc32"] | None
 _QUEUED, _GRANTED, _DONE, _FAILED, _ABANDONED = range(5)
 
 
+async def _on_a_thread(fn: Callable[[], None]) -> None:
+    """Run blocking ``fn`` on a new thread and await it, leaving no thread behind
+    (a default-executor thread would outlive the pager)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(exc: BaseException | None) -> None:
+        if not done.done():
+            if exc is None:
+                done.set_result(None)
+            else:
+                done.set_exception(exc)
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # handed to the awaiting task
+            loop.call_soon_threadsafe(settle, exc)
+        else:
+            loop.call_soon_threadsafe(settle, None)
+
+    thread = threading.Thread(target=run, name="asyncpager-close", daemon=True)
+    thread.start()
+    try:
+        await done
+    finally:
+        thread.join()
+
+
 class _Ticket:
     __slots__ = ("entries", "future", "joined", "leased", "n_hit", "n_joined", "n_miss", "state")
 
@@ -145,10 +174,14 @@ class Pager(FlightMixin):
         self._demand_reads = 0
         self._demand_idle: asyncio.Event | None = None
         self._closed = False
-        self._close_done: asyncio.Future[None] | None = None
+        self._close_task: asyncio.Task[None] | None = None
         # The loop the pager lives on: releases from other threads are handed to it.
+        # Rebound to the running loop at the next acquire when that loop changed
+        # (asyncio.run twice); releases that found their loop closed wait in
+        # ``_orphans`` (deque appends are atomic) until the pager runs on a loop again.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = -1
+        self._orphans: deque[Entry] = deque()
         with contextlib.suppress(RuntimeError):
             self._bind_loop(asyncio.get_running_loop())
         self._tracer: Tracer | None = None
@@ -422,8 +455,9 @@ class Pager(FlightMixin):
     async def _acquire_entries(
         self, entries: Sequence[Entry], timeout: float | None, t0: int
     ) -> LeaseGroup:
-        if self._loop is None:  # built outside a running loop: bind at first use
-            self._bind_loop(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # built outside a loop, or a new loop: bind to it
+            self._bind_loop(loop)
         self._check_fits(entries)
         ticket = _Ticket(entries)
         waited = False
@@ -614,22 +648,50 @@ class Pager(FlightMixin):
     def _bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._loop_thread = threading.get_ident()
+        if not self._tasks:
+            self._demand_idle = None  # an Event is bound to the loop it first waited on
+        self._adopt_orphans()
+
+    def _adopt_orphans(self) -> None:
+        """Apply the releases that were posted while no live loop held the pager."""
+        while self._orphans:
+            self._release_entry(self._orphans.popleft())
 
     def _release_entry(self, e: Entry) -> None:
         """Give back one lease. Thread-safe: called off the loop's thread (e.g. at
         the end of ``asyncio.to_thread`` work on a leased array), it is handed to the
         loop, and the tensor stays held until the loop runs it."""
-        if threading.get_ident() != self._loop_thread and self._loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to wake
-                self._loop.call_soon_threadsafe(self._release_entry, e)
+        loop = self._loop
+        if loop is not None and threading.get_ident() != self._loop_thread:
+            try:
+                loop.call_soon_threadsafe(self._release_entry, e)
+            except RuntimeError:  # that loop is closed: never lose the release
+                self._orphans.append(e)
+                now = self._loop
+                if now is not loop and now is not None:  # rebound meanwhile
+                    with contextlib.suppress(RuntimeError):
+                        now.call_soon_threadsafe(self._adopt_orphans)
             return
         if e.leases <= 0:
             return
         e.leases -= 1
-        if e.leases == 0 and not e.pinned and e.array is not None:
+        if e.leases or e.array is None:
+            return
+        if self._closed:
+            self._free_closed(e)
+        elif not e.pinned:
             self._policy.add(e)
-            if self._queue and not self._closed:
+            if self._queue:
                 self._pump()
+
+    def _free_closed(self, e: Entry) -> None:
+        """After close(): a tensor nobody leases any more gives its memory back."""
+        self._policy.remove(e)
+        self._resident_bytes -= e.charge
+        self._resident_count -= 1
+        if e.pinned:
+            self._pinned_reserve += e.charge
+        e.array = e.block = None
 
     def _evict(self, e: Entry) -> None:
         self._policy.remove(e)
@@ -719,6 +781,12 @@ class Pager(FlightMixin):
         entries = [self._entry(n) for n in names]
         if self._closed:
             return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                "prefetch() starts background loads: call it from a running event loop"
+            ) from None
         self._prefetch_entries(entries)
 
     def _enter_layer(self, layer: int) -> None:
@@ -807,42 +875,47 @@ class Pager(FlightMixin):
         """Close the pager: new acquires raise :class:`PagerClosed`, waiters for room
         and for loads in flight get :class:`PagerClosed`, background loads are
         cancelled and waited for, and sources the pager opened are closed.
-        Idempotent; leases already held keep their arrays."""
-        if self._close_done is not None:
-            await asyncio.shield(self._close_done)
-            return
-        self._close_done = asyncio.get_running_loop().create_future()
-        self._closed = True
-        try:
+        Idempotent; leases already held keep their arrays, and give their memory
+        back when released.
+
+        Never blocks the event loop: reads still running in threads are awaited, and
+        the source is closed on a thread. The work runs in a task the pager owns
+        (``asyncpager:close``): cancelling or timing out the caller does not stop it,
+        and a later ``close()`` waits for the same task.
+        """
+        if self._close_task is None:
+            self._closed = True
             closed = PagerClosed("the pager was closed")
             for ticket in self._queue:
                 ticket.state = _FAILED
                 if ticket.future is not None and not ticket.future.done():
                     ticket.future.set_exception(closed)
             self._queue.clear()
-            tasks = list(self._tasks)
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
-            # A load task cancelled before it ever ran could not fail its flights.
-            for e in self._entries.values():
-                if e.flight is not None:
-                    self._finish_failed([e.flight], closed)
-            self._pool.clear()
-            # Give the memory back now; tensors still leased keep their arrays.
-            for e in self._entries.values():
-                if e.array is not None and e.leases == 0:
-                    self._policy.remove(e)
-                    self._resident_bytes -= e.charge
-                    self._resident_count -= 1
-                    if e.pinned:
-                        self._pinned_reserve += e.charge
-                    e.array = e.block = None
-            if self._owns_source:
+            self._close_task = asyncio.get_running_loop().create_task(
+                self._close(closed), name="asyncpager:close"
+            )
+        await asyncio.shield(self._close_task)
+
+    async def _close(self, closed: PagerClosed) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        # A load task cancelled before it ever ran could not fail its flights.
+        for e in self._entries.values():
+            if e.flight is not None:
+                self._finish_failed([e.flight], closed)
+        self._pool.clear()
+        # Give the memory back now; tensors still leased keep their arrays.
+        for e in self._entries.values():
+            if e.array is not None and e.leases == 0:
+                self._free_closed(e)
+        if self._owns_source:
+            if self._source.executor is None:
                 self._source.close()
-        finally:
-            self._close_done.set_result(None)
+            else:  # joining its I/O threads blocks: do it on a thread of its own
+                await _on_a_thread(self._source.close)
 
     async def __aenter__(self) -> Self:
         return self

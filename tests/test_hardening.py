@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import asyncpager as ap
+from asyncpager._sources import _run_all
 from tests.conftest import PagerFactory
 from tests.fakes import GatedSource, assert_invariants, make_tensors
 
@@ -196,3 +200,114 @@ async def test_11_scalar_tensors_keep_shape_empty(make_pager: PagerFactory) -> N
     async with p.acquire("s") as lease:
         assert lease.array.shape == ()
         assert float(lease.array) == 2.5
+
+
+def test_3_a_release_after_the_first_loop_closed_is_not_lost() -> None:
+    """asyncio.run twice: a warm-up, then the real run. A lease handed to a worker
+    thread is released after the first loop closed; the pager rebinds to the loop
+    running now and the budget comes back."""
+    blob, infos = make_tensors([PAGE, PAGE])
+    p = ap.Pager(ap.MemorySource(blob), infos, budget_bytes=PAGE)
+
+    async def warm_up() -> ap.Lease:
+        return await p.acquire("t0")
+
+    for factory in (asyncio.new_event_loop, uvloop.new_event_loop):
+        with asyncio.Runner(loop_factory=factory) as runner:
+            lease = runner.run(warm_up())
+        # The first loop is closed; a thread releases now.
+        worker = threading.Thread(target=lease.release)
+        worker.start()
+        worker.join()
+
+        async def serve() -> None:
+            async with p.acquire("t1", timeout=5) as other:  # needs t0's room
+                assert other.array.tobytes() == blob[PAGE : 2 * PAGE]
+            # And a release from a thread while this loop runs reaches this loop.
+            held = await p.acquire("t0", timeout=5)
+            await asyncio.to_thread(held.release)
+            async with p.acquire("t1", timeout=5):
+                pass
+
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(serve())
+        assert p.lease_count("t0") == 0
+        assert_invariants(p)
+
+
+class _ThreadGatedSource(ap.Source):
+    """Reads run on a worker thread and block there until ``gate`` is set."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.size = len(data)
+        self.executor = ThreadPoolExecutor(1, "test-gated")
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.closed = False
+
+    def _blocking_read(self, offset: int, out: memoryview) -> None:
+        self.started.set()
+        self.gate.wait(10)
+        out[:] = self._data[offset : offset + out.nbytes]
+
+    async def read_into(self, offset: int, out: memoryview) -> None:
+        await _run_all(self.executor, [functools.partial(self._blocking_read, offset, out)])
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        self.closed = True
+
+
+async def test_8_close_awaits_thread_reads_without_blocking_the_loop() -> None:
+    blob, infos = make_tensors([PAGE])
+    src = _ThreadGatedSource(blob)
+    p = ap.Pager(src, infos, budget_bytes=PAGE, owns_source=True)
+    waiter = asyncio.create_task(p.acquire("t0"))
+    await asyncio.to_thread(src.started.wait, 10)
+    # Safety net for the old, blocking close: the gate opens by itself after a while.
+    timer = threading.Timer(5, src.gate.set)
+    timer.start()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(p.close(), 0.05)
+    assert not src.gate.is_set(), "the loop was blocked until the thread read ended"
+    assert p.closed
+    assert not src.closed
+    src.gate.set()
+    timer.cancel()
+    await p.close()  # the same close, still running: waits for it
+    assert src.closed
+    with pytest.raises(ap.PagerClosed):
+        await waiter
+    assert_invariants(p, closed=True)
+
+
+async def test_11_prefetch_outside_a_loop_reserves_nothing() -> None:
+    blob, infos = make_tensors([PAGE])
+    p = ap.Pager(ap.MemorySource(blob), infos, budget_bytes=PAGE)
+
+    def hint() -> None:
+        p.prefetch(["t0"])
+
+    with pytest.raises(RuntimeError, match="running event loop"):
+        await asyncio.to_thread(hint)
+    assert p.inflight_bytes == 0
+    assert not p.is_loading("t0")
+    await p.close()
+
+
+async def test_11_tensors_leased_at_close_are_freed_when_released(
+    make_pager: PagerFactory,
+) -> None:
+    blob, infos = make_tensors([PAGE, PAGE])
+    p = make_pager(ap.MemorySource(blob), infos, budget_bytes=2 * PAGE, pinned=["t1"])
+    lease = await p.acquire("t0")
+    pinned = await p.acquire("t1")
+    await p.close()
+    assert p.resident_bytes == 2 * PAGE  # still leased: kept
+    lease.release()
+    pinned.release()
+    assert p.resident_bytes == 0
+    assert p.resident_count == 0
+    assert p.pinned_reserve_bytes == PAGE
+    assert_invariants(p, closed=True)

@@ -34,6 +34,7 @@ from ._flight import _MAX_GAP, FlightMixin, LoadFlight
 from ._lease import AcquireContext, Lease, LeaseGroup
 from ._pool import PAGE, BufferPool, block_capacity
 from ._schedule import NEVER, Schedule
+from ._sizes import Size, as_bytes
 from ._sources import Source
 from ._stats import LatencyHistogram, PagerStats
 from ._tensor import TensorInfo
@@ -97,7 +98,8 @@ class Pager(FlightMixin):
     Args:
         source: where the bytes are. Closed by the pager only if ``owns_source``.
         tensors: the tensors (``TensorInfo`` objects, or a mapping of them).
-        budget_bytes: the most memory held for weights (pool slack included).
+        budget_bytes: the most memory held for weights (pool slack included): bytes,
+            a size string (``"512MiB"``) or a share of the layers' bytes (``"50%"``).
         pinned: names never evicted; the budget keeps room for them.
         prefetch_depth: layers ahead of the acquired one to load in the background.
         policy: ``"lru"`` or ``"schedule"`` (evict what the decode schedule needs last).
@@ -107,7 +109,8 @@ class Pager(FlightMixin):
 
     Raises:
         BudgetExceeded: the pinned tensors do not fit the budget.
-        ValueError: a tensor lies outside the source, or names repeat.
+        ValueError: a tensor lies outside the source, names repeat, or
+            ``budget_bytes`` is not a positive size.
     """
 
     def __init__(
@@ -115,7 +118,7 @@ class Pager(FlightMixin):
         source: Source,
         tensors: Iterable[TensorInfo] | Mapping[str, TensorInfo],
         *,
-        budget_bytes: int,
+        budget_bytes: Size,
         pinned: Iterable[str] = (),
         prefetch_depth: int = 0,
         policy: str = "lru",
@@ -124,8 +127,14 @@ class Pager(FlightMixin):
         trace: bool = False,
         owns_source: bool = False,
     ) -> None:
-        if budget_bytes < 0:
-            raise ValueError(f"budget_bytes must be >= 0, not {budget_bytes}")
+        infos = list(tensors.values()) if isinstance(tensors, Mapping) else list(tensors)
+        in_layers = [i.nbytes for i in infos if i.layer is not None]
+        model_bytes = sum(in_layers) if in_layers else sum(i.nbytes for i in infos)
+        budget_bytes = as_bytes(budget_bytes, "budget_bytes", model_bytes=model_bytes)
+        if budget_bytes <= 0:
+            raise ValueError(
+                f"budget_bytes must be > 0, not {budget_bytes}: nothing could ever be loaded"
+            )
         if prefetch_depth < 0:
             raise ValueError(f"prefetch_depth must be >= 0, not {prefetch_depth}")
         if verify not in (None, "crc32"):
@@ -135,7 +144,6 @@ class Pager(FlightMixin):
                 f"{type(source).__name__} has no integer 'size': a Source subclass must set "
                 "self.size (the total bytes) and implement async read_into(offset, out)"
             )
-        infos = list(tensors.values()) if isinstance(tensors, Mapping) else list(tensors)
         self._source = source
         self._owns_source = owns_source
         self._budget = budget_bytes
@@ -475,6 +483,13 @@ class Pager(FlightMixin):
             else:
                 async with asyncio.timeout(timeout):
                     await self._wait_granted(ticket, waited)
+        except TimeoutError as exc:
+            stage = "room in the budget" if ticket.state == _QUEUED else "the read"
+            self._abandon(ticket)
+            what = repr(entries[0].name) if len(entries) == 1 else f"{len(entries)} tensors"
+            raise TimeoutError(
+                f"acquiring {what} timed out after {timeout} s waiting for {stage}"
+            ) from exc
         except BaseException:
             self._abandon(ticket)
             raise

@@ -581,14 +581,34 @@ class Pager(FlightMixin):
         ticket.state = _GRANTED
 
     def _reserve(
-        self, missing: Sequence[Entry], allowed: Callable[[Entry], bool] | None
+        self,
+        missing: Sequence[Entry],
+        allowed: Callable[[Entry], bool] | None,
+        candidates: Sequence[Entry] | None = None,
+        *,
+        distance_guard: bool = False,
     ) -> list[np.ndarray[Any, Any] | None] | None:
         """Make room for ``missing`` (evicting as planned) and move it to in-flight.
         Returns the recycled block for each entry (None: allocate a new one), or
-        None, changing nothing, when the room cannot be made now."""
+        None, changing nothing, when the room cannot be made now. ``candidates``:
+        the victims to plan with, already filtered (default: the policy's, through
+        ``allowed``). ``distance_guard``: ``allowed`` is a prefetch's distance guard,
+        which admits a prefix of a distance-ranked policy's victims."""
         need = sum(e.charge for e in missing)
         own_reserve = sum(e.charge for e in missing if e.pinned)
-        victims = _plan(need, self._free_bytes(own_reserve), self._policy.victims(), allowed)
+        free = self._free_bytes(own_reserve)
+        if need > free + self._policy.evictable_bytes:
+            return None  # O(1): even evicting everything evictable would not do
+        if candidates is None:
+            victims = _plan(
+                need,
+                free,
+                self._policy.victims(),
+                allowed,
+                prefix=distance_guard and self._policy.ranked_by_distance,
+            )
+        else:
+            victims = _plan(need, free, candidates)
         if victims is None:
             return None
         for victim in victims:
@@ -815,37 +835,67 @@ class Pager(FlightMixin):
         layer = self._current_layer
         if self._prefetch_depth and not self._closed and layer is not None:
             for ahead in self._schedule.upcoming(self._prefetch_depth):
-                if ahead != layer:
-                    self._prefetch_entries(self._layers.get(ahead, ()))
+                if ahead != layer and not self._prefetch_entries(self._layers.get(ahead, ())):
+                    # No room for this layer: a later one could only take room this
+                    # one needs sooner (and planning it again per layer is what made
+                    # deep prefetch O(depth x tensors x victims) on the loop).
+                    break
 
-    def _prefetch_entries(self, entries: Iterable[Entry]) -> None:
+    def _prefetch_entries(self, entries: Iterable[Entry]) -> bool:
+        """Start background loads for what fits of ``entries``. Returns False when
+        some were skipped for lack of room (not for never fitting)."""
         # dict.fromkeys: a name hinted twice must not get two flights (double charge).
         missing = [e for e in dict.fromkeys(entries) if e.array is None and e.flight is None]
         if not missing:
-            return
+            return True
         if self._queue:  # demand requests are waiting for room: never take it from them
             self._pf_skipped += len(missing)
-            return
+            return False
         target = min(self._schedule.distance(e.layer) for e in missing)
         allowed = distance_guard(self._schedule, target) if target != NEVER else None
         fitting = [e for e in missing if not self._would_never_fit(e)]
-        blocks = self._reserve(fitting, allowed)
+        never = len(missing) - len(fitting)
+        blocks = self._reserve(fitting, allowed, distance_guard=True)
         if blocks is None:
-            # Not all of it fits: take what does, in file order (still batched).
-            admitted: list[Entry] = []
-            blocks = []
-            for e in fitting:
-                got = self._reserve((e,), allowed)
-                if got is not None:
-                    admitted.append(e)
-                    blocks.extend(got)
-            fitting = admitted
+            fitting, blocks = self._reserve_some(fitting, allowed)
         self._pf_skipped += len(missing) - len(fitting)
         if fitting:
             self._pf_issued += len(fitting)
             self._start_loads(fitting, blocks, prefetch=True)
             for e in fitting:
                 self._source.advise_willneed(e.info.offset, e.info.nbytes)
+        return len(fitting) + never == len(missing)
+
+    def _reserve_some(
+        self, entries: list[Entry], allowed: Callable[[Entry], bool] | None
+    ) -> tuple[list[Entry], list[np.ndarray[Any, Any] | None]]:
+        """Not all of ``entries`` fit: take what does, in file order (still batched).
+        The allowed victims are listed once; each entry then costs O(1) when it
+        cannot fit and O(its victims) when it does."""
+        ranked = allowed is not None and self._policy.ranked_by_distance
+        candidates: list[Entry] = []
+        for v in self._policy.victims():
+            if allowed is None or allowed(v):
+                candidates.append(v)
+            elif ranked:
+                break
+        room = sum(v.charge for v in candidates)
+        admitted: list[Entry] = []
+        blocks: list[np.ndarray[Any, Any] | None] = []
+        for e in entries:
+            if e.charge > self._free_bytes(e.charge if e.pinned else 0) + room:
+                continue
+            got = self._reserve((e,), None, candidates)
+            if got is None:
+                continue
+            admitted.append(e)
+            blocks.extend(got)
+            evicted = 0
+            while evicted < len(candidates) and candidates[evicted].array is None:
+                room -= candidates[evicted].charge
+                evicted += 1
+            del candidates[:evicted]
+        return admitted, blocks
 
     def _would_never_fit(self, e: Entry) -> bool:
         return not e.pinned and e.charge > self._budget - self._pinned_total

@@ -10,6 +10,7 @@ for asyncio inference servers.
 from ._errors import (
     BudgetExceeded,
     FormatError,
+    LeaseWarning,
     PagerClosed,
     PagerError,
     SourceError,
@@ -38,6 +39,7 @@ __all__ = [
     "LatencySummary",
     "Lease",
     "LeaseGroup",
+    "LeaseWarning",
     "LoadFlight",
     "MemorySource",
     "MmapSource",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -48,6 +49,13 @@ Verify = Literal["crc32"] | None
 
 
 _QUEUED, _GRANTED, _DONE, _FAILED, _ABANDONED = range(5)
+_POISON = 0xA5
+
+
+def debug_default() -> bool:
+    """Debug mode for pagers built without ``debug=``: ``ASYNCPAGER_DEBUG=1`` in the
+    environment (read at each construction)."""
+    return os.environ.get("ASYNCPAGER_DEBUG", "") not in ("", "0")
 
 
 async def _on_a_thread(fn: Callable[[], None]) -> None:
@@ -106,6 +114,9 @@ class Pager(FlightMixin):
         schedule: the layer order of one token; default every layer in order.
         verify: ``"crc32"`` checks each reload against the first read's checksum.
         trace: record a trace from the start (see ``start_trace``).
+        debug: catch arrays used after their lease is released: a warning at
+            release when the array is still referenced, and evicted buffers
+            poisoned. Default: on when the environment has ``ASYNCPAGER_DEBUG=1``.
 
     Raises:
         BudgetExceeded: the pinned tensors do not fit the budget.
@@ -126,6 +137,7 @@ class Pager(FlightMixin):
         verify: Verify = None,
         trace: bool = False,
         owns_source: bool = False,
+        debug: bool | None = None,
     ) -> None:
         infos = list(tensors.values()) if isinstance(tensors, Mapping) else list(tensors)
         in_layers = [i.nbytes for i in infos if i.layer is not None]
@@ -146,6 +158,9 @@ class Pager(FlightMixin):
             )
         self._source = source
         self._owns_source = owns_source
+        if debug is None:
+            debug = debug_default()
+        self._debug = debug
         self._budget = budget_bytes
         self._align = max(1, source.alignment)
         self._entries: dict[str, Entry] = {}
@@ -738,6 +753,8 @@ class Pager(FlightMixin):
             e.prefetched = False
             self._pf_wasted += 1
         if e.block is not None:
+            if self._debug:
+                e.block.fill(_POISON)  # a use after release now reads garbage
             self._pool.give(e.block)
         e.array = None
         e.block = None

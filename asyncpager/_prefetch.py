@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -40,31 +40,12 @@ class PrefetchMixin:
     _pf_skipped: int
     _demand_idle: asyncio.Event | None
 
-    if TYPE_CHECKING:  # provided by the Pager and FlightMixin; stubs would shadow them
-
-        def _entry(self, name: str) -> Entry:
-            raise NotImplementedError
-
-        def _free_bytes(self, own_reserve: int = 0) -> int:
-            raise NotImplementedError
-
-        def _reserve(
-            self,
-            missing: Sequence[Entry],
-            allowed: Callable[[Entry], bool] | None,
-            candidates: Sequence[Entry] | None = None,
-            *,
-            distance_guard: bool = False,
-        ) -> list[np.ndarray[Any, Any] | None] | None:
-            raise NotImplementedError
-
-        def _start_loads(
-            self,
-            missing: Sequence[Entry],
-            blocks: Sequence[np.ndarray[Any, Any] | None],
-            prefetch: bool,
-        ) -> None:
-            raise NotImplementedError
+    # Provided by the Pager and FlightMixin (declared, not stubbed: a stub would
+    # shadow them in the method resolution order).
+    _entry: Callable[[str], Entry]
+    _free_bytes: Callable[..., int]
+    _reserve: Callable[..., list[np.ndarray[Any, Any] | None] | None]
+    _start_loads: Callable[..., None]
 
     def prefetch(self, names: Iterable[str]) -> None:
         """Hint: load ``names`` in the background at low priority; returns at once.

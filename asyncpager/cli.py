@@ -5,6 +5,7 @@ the pager on it, see what it does.
     asyncpager bench   MODEL [--budget 1GiB|50%] [--prefetch 1] [--policy schedule] ...
     asyncpager profile MODEL [bench options] [--trace out.json] [--plot out.png]
     asyncpager demo    [--layers 12] [--layer-mib 8] [--tokens 4] [--compute-ms 4]
+    asyncpager serve   MODEL_DIR --budget 300MiB [--port 8000] ...  (OpenAI-compatible)
 
 Exit codes: 0 done; 1 the model (or another file) is missing, unreadable or malformed;
 2 a bad argument (syntax, a size, a budget too small for a layer); 130 interrupted.
@@ -43,7 +44,7 @@ from ._report import (
     load_overlap,
     token_starts,
 )
-from ._sizes import Budget, format_size, parse_budget
+from ._sizes import Budget, format_size, parse_budget, parse_size
 from ._synth import write_synthetic_gguf
 
 __all__ = ["main"]
@@ -79,6 +80,13 @@ def _layer_bytes(index: ModelIndex) -> int:
 def _budget_arg(text: str) -> Budget:
     try:
         return parse_budget(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -348,6 +356,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    return _run(serve(args), args.loop)
+
+
 def _check_writable(path: str) -> None:
     parent = Path(path).resolve().parent
     if not parent.is_dir():
@@ -598,6 +612,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
     _add_common(p)
     p.set_defaults(func=cmd_demo)
+
+    from .serve import add_arguments as add_serve_arguments  # no torch or aiohttp import
+
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible server for a paged model",
+        description="Serve a Hugging Face causal LM, its decoder layers paged under "
+        "the budget, behind /v1/completions, /v1/chat/completions, /v1/models, "
+        "/metrics and /healthz (needs the 'server' extra).",
+    )
+    add_serve_arguments(p, _size_arg, _positive_int, _nonneg_int)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

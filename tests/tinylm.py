@@ -75,7 +75,7 @@ def make_tiny_model(
         from transformers import Gemma3TextConfig
 
         config = Gemma3TextConfig(
-            **common, head_dim=16, sliding_window=8, tie_word_embeddings=True
+            **common, head_dim=16, sliding_window=8, tie_word_embeddings=False
         )
     else:
         raise ValueError(f"unknown architecture {arch!r}")
@@ -83,3 +83,30 @@ def make_tiny_model(
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(path)
     return path
+
+
+def reference_greedy(path: Path, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """What the fully loaded transformers model generates greedily (stops at EOS)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = _models.get(path)
+    if model is None:
+        model = _models[path] = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=model.config.pad_token_id,
+        )  # fmt: skip
+    return [int(t) for t in out[0, len(prompt) :]]
+
+
+_models: dict[Path, Any] = {}
+
+
+def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids

@@ -71,6 +71,7 @@ class ServeConfig:
     max_batch: int = 32
     max_context: int | None = None
     model_name: str | None = None
+    step_delay: float = 0.0
 
 
 def _eos_ids(lm: Any) -> frozenset[int]:
@@ -117,8 +118,9 @@ class Server:
         self.registry = CollectorRegistry()
         self._metrics()
         self.scheduler = StepScheduler(
-            lm, pad_id=int(pad), max_batch=config.max_batch, on_step=self._on_step
-        )
+            lm, pad_id=int(pad), max_batch=config.max_batch, on_step=self._on_step,
+            step_delay=config.step_delay,
+        )  # fmt: skip
         self.in_progress = 0
         self.draining = False
         self.idle = asyncio.Event()
@@ -307,10 +309,7 @@ class _Reply:
                         type="server_error",
                         code="shutting_down" if shutting else "internal_error",
                     )
-                if item.reason == "cancelled" and self.text.stopped:
-                    self.reason = "stop"
-                else:
-                    self.reason = item.reason
+                self.reason = item.reason
                 yield self.text.finish()
                 return
             last = self.server._observe_token(last, first, t0)
@@ -319,8 +318,10 @@ class _Reply:
             piece = self.text.add(item)
             if piece:
                 yield piece
-            if self.text.stopped:
-                self.server.scheduler.cancel(seq)  # its Finished comes next
+            if self.text.stopped:  # a stop string: the text ends here
+                self.server.scheduler.cancel(seq)
+                self.reason = "stop"
+                return
 
     def _usage(self) -> dict[str, int]:
         return {

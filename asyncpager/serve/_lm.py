@@ -30,6 +30,9 @@ class LoadedCausalLM:
     async def load(cls, path: Path) -> LoadedCausalLM:
         def load() -> LoadedCausalLM:
             from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
 
             model = AutoModelForCausalLM.from_pretrained(path)
             model.eval()

@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser, size: Any, positive: Any, nonneg: 
                    help="seconds requests in progress get at shutdown")  # fmt: skip
     p.add_argument("--model-name", default=None, help="the id clients use (default: dir name)")
     p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto")
+    # A testing aid: makes each step take at least this long, so tests can catch
+    # requests in flight without racing a fast tiny model.
+    p.add_argument("--debug-step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -56,7 +59,7 @@ async def serve(args: argparse.Namespace) -> int:
         prefetch_depth=args.prefetch, policy=args.policy, api_key=args.api_key,
         max_concurrency=args.max_concurrency, shutdown_timeout=args.shutdown_timeout,
         max_body_bytes=args.max_body, max_batch=args.max_batch, max_context=args.max_context,
-        model_name=args.model_name,
+        model_name=args.model_name, step_delay=args.debug_step_delay,
     )  # fmt: skip
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -168,11 +168,13 @@ class StepScheduler:
         pad_id: int,
         max_batch: int = 64,
         on_step: Callable[[int, float], None] | None = None,
+        step_delay: float = 0.0,
     ) -> None:
         self._lm = lm
         self._pad_id = pad_id
         self._max_batch = max_batch
         self._on_step = on_step
+        self._step_delay = step_delay
         self._waiting: list[SequenceState] = []
         self._active: list[SequenceState] = []
         self._batch: BatchKV | None = None
@@ -266,6 +268,8 @@ class StepScheduler:
 
     async def _step(self) -> None:
         self.stats.steps += 1
+        if self._step_delay:
+            await asyncio.sleep(self._step_delay)
         await self._leave()
         room = self._max_batch - len(self._active)
         if self._waiting and room > 0:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +52,9 @@ class CausalLM(Protocol):
 
     @property
     def config(self) -> Any: ...
+
+    @property
+    def model(self) -> Any: ...
 
     async def forward(self, **model_kwargs: Any) -> Any: ...
 
@@ -183,6 +187,10 @@ class StepScheduler:
         self._closed = False
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="asyncpager-serve-step")
+        params = inspect.signature(lm.model.forward).parameters
+        # transformers 5 renamed past_key_values to cache and dropped cache_position
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._cache_position = "cache_position" in params
         self.stats = StepStats()
 
     @property
@@ -237,9 +245,12 @@ class StepScheduler:
     async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def _forward(self, inputs: dict[str, Any], cache: Any) -> torch.Tensor:
+    async def _forward(self, inputs: dict[str, Any], cache: Any, past: int) -> torch.Tensor:
         t0 = perf_counter()
-        out = await self._lm.forward(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
+        extra: dict[str, Any] = {self._cache_kwarg: cache, "use_cache": True, "logits_to_keep": 1}
+        if self._cache_position:
+            extra["cache_position"] = torch.arange(past, past + inputs["input_ids"].shape[1])
+        out = await self._lm.forward(**inputs, **extra)
         seconds = perf_counter() - t0
         self.stats.forwards += 1
         self.stats.forward_seconds += seconds
@@ -281,7 +292,7 @@ class StepScheduler:
             return
         batch, seqs = self._batch, list(self._active)
         inputs = batch.decode_inputs([s.output[-1] for s in seqs])
-        logits = await self._forward(inputs, batch.cache)
+        logits = await self._forward(inputs, batch.cache, batch.width)
         batch.advanced(inputs)
         tokens = await self._in_thread(_sample, logits, seqs)
         for seq, token in zip(seqs, tokens, strict=True):
@@ -296,7 +307,7 @@ class StepScheduler:
         ids, mask, positions = left_padded([s.prompt for s in seqs], self._pad_id)
         cache = DynamicCache(config=self._lm.config)
         inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
-        logits = await self._forward(inputs, cache)
+        logits = await self._forward(inputs, cache, 0)
         tokens = await self._in_thread(_sample, logits, seqs)
         joined = BatchKV(cache, mask)
         for seq, token in zip(seqs, tokens, strict=True):

@@ -46,7 +46,7 @@ from ._protocol import (
 from ._scheduler import Finished, SequenceState, StepScheduler
 from ._text import TextStream
 
-__all__ = ["ServeConfig", "Server", "make_app"]
+__all__ = ["ServeConfig", "Server", "layer_leases", "make_app"]
 
 log = logging.getLogger("asyncpager.serve")
 
@@ -393,6 +393,12 @@ class _Reply:
         return response
 
 
+def layer_leases(pager: Any) -> int:
+    """Leases held on decoder-layer tensors (the pinned non-layer tensors a
+    ``PagedCausalLM`` keeps leased all its life are not counted)."""
+    return sum(pager.lease_count(n) for names in pager.layers.values() for n in names)
+
+
 SERVER = web.AppKey("server", Server)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -496,6 +502,7 @@ async def healthz(request: web.Request) -> web.Response:
             loads_in_flight=pager.loads_in_flight,
             waiting=pager.waiting,
             leases_held=leases_held(pager),
+            layer_leases_held=layer_leases(pager),
         )
     return web.json_response(body)
 

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ async def serve(args: argparse.Namespace) -> int:
     )  # fmt: skip
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    t_stop = time.monotonic()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
@@ -85,6 +87,7 @@ async def serve(args: argparse.Namespace) -> int:
                 print(f"listening on http://{shown}:{port}", flush=True)
                 await stop.wait()
                 print("shutting down", flush=True)
+                t_stop = time.monotonic()
                 server.draining = True
                 await site.stop()  # no new connections
                 with contextlib.suppress(TimeoutError):
@@ -98,5 +101,5 @@ async def serve(args: argparse.Namespace) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-    print("stopped", flush=True)
+    print(f"stopped ({time.monotonic() - t_stop:.2f} s after the signal)", flush=True)
     return 0

@@ -17,7 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class Served:
-    def __init__(self, model: Path, *args: str, budget: str = "500KiB", timeout: float = 120) -> None:
+    def __init__(
+        self, model: Path, *args: str, budget: str = "500KiB", timeout: float = 120
+    ) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "asyncpager", "serve", str(model), "--budget", budget,

@@ -8,11 +8,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
-
-openai = pytest.importorskip("openai")
-pytest.importorskip("transformers")
-
 from transformers import AutoTokenizer
 
 from tests.serveproc import Served
@@ -23,7 +20,9 @@ PROMPTS = ["hello the world", "x"]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
-def served(request: pytest.FixtureRequest, tiny_models: Callable[[str], Path]) -> Iterator[tuple[Served, Path]]:
+def served(
+    request: pytest.FixtureRequest, tiny_models: Callable[[str], Path]
+) -> Iterator[tuple[Served, Path]]:
     path = tiny_models(request.param)
     with Served(path) as server:
         yield server, path
@@ -41,7 +40,9 @@ async def test_models_lists_the_one_model(served: tuple[Served, Path]) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_completion_greedy_text_equals_transformers(served: tuple[Served, Path], stream: bool) -> None:
+async def test_completion_greedy_text_equals_transformers(
+    served: tuple[Served, Path], stream: bool
+) -> None:
     server, path = served
     tok = AutoTokenizer.from_pretrained(path)
     async with client(server) as c:
@@ -57,7 +58,9 @@ async def test_completion_greedy_text_equals_transformers(served: tuple[Served, 
                 usage = chunks[-1].usage
                 finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1]
             else:
-                r = await c.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+                r = await c.completions.create(
+                    model="tiny", prompt=prompt, max_tokens=12, temperature=0
+                )
                 text, usage, finish = r.choices[0].text, r.usage, r.choices[0].finish_reason
             assert text == tok.decode(expected, skip_special_tokens=True)
             assert usage is not None
@@ -74,11 +77,14 @@ async def test_completion_from_token_ids(served: tuple[Served, Path]) -> None:
     async with client(server) as c:
         r = await c.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0)
     assert r.choices[0].text == tok.decode(expected, skip_special_tokens=True)
-    assert r.usage is not None and r.usage.prompt_tokens == len(ids)
+    assert r.usage is not None
+    assert r.usage.prompt_tokens == len(ids)
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_chat_greedy_text_equals_transformers(served: tuple[Served, Path], stream: bool) -> None:
+async def test_chat_greedy_text_equals_transformers(
+    served: tuple[Served, Path], stream: bool
+) -> None:
     server, path = served
     tok = AutoTokenizer.from_pretrained(path)
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
@@ -92,25 +98,33 @@ async def test_chat_greedy_text_equals_transformers(served: tuple[Served, Path],
             text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
             assert chunks[-1].choices[0].finish_reason in ("length", "stop")
         else:
-            r = await c.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+            r = await c.chat.completions.create(
+                model="tiny", messages=messages, max_tokens=10, temperature=0
+            )
             assert r.choices[0].message.role == "assistant"
             text = r.choices[0].message.content or ""
-            assert r.usage is not None and r.usage.completion_tokens == len(expected)
+            assert r.usage is not None
+            assert r.usage.completion_tokens == len(expected)
     assert text == tok.decode(expected, skip_special_tokens=True)
 
 
 async def test_stop_string_ends_the_text_before_it(served: tuple[Served, Path]) -> None:
     server, path = served
     tok = AutoTokenizer.from_pretrained(path)
-    full = tok.decode(reference_greedy(path, tok("hello the world")["input_ids"], 24), skip_special_tokens=True)
+    full = tok.decode(
+        reference_greedy(path, tok("hello the world")["input_ids"], 24), skip_special_tokens=True
+    )
     stop = full[5:7] if len(full) > 7 else None
     if stop is None or "\ufffd" in stop:
         stop = full[-2:]
     cut = full[: full.find(stop)]
     async with client(server) as c:
-        r = await c.completions.create(model="tiny", prompt="hello the world", max_tokens=24, temperature=0, stop=[stop])
+        r = await c.completions.create(
+            model="tiny", prompt="hello the world", max_tokens=24, temperature=0, stop=[stop]
+        )
         chunks = [ch async for ch in await c.completions.create(
-            model="tiny", prompt="hello the world", max_tokens=24, temperature=0, stop=stop, stream=True,
+            model="tiny", prompt="hello the world", max_tokens=24, temperature=0, stop=stop,
+            stream=True,
         )]  # fmt: skip
     assert r.choices[0].text == cut
     assert r.choices[0].finish_reason == "stop"

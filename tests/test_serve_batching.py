@@ -11,12 +11,9 @@ import asyncio
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import aiohttp
+import openai
 import pytest
-
-pytest.importorskip("transformers")
-openai = pytest.importorskip("openai")
-aiohttp = pytest.importorskip("aiohttp")
-
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
@@ -31,7 +28,7 @@ MAX_TOKENS = [14, 9, 20, 5]
 
 async def take(seq: SequenceState, n: int) -> None:
     """Wait until ``seq`` has produced ``n`` tokens (or finished)."""
-    while len(seq.output) < n and not seq.done:
+    while len(seq.output) < n and not seq.done:  # noqa: ASYNC110 - each yield lets a step run
         await asyncio.sleep(0)
 
 
@@ -54,7 +51,9 @@ async def test_joining_and_leaving_rows_get_their_lone_greedy_tokens(
         lm.pager.stats(reset=True)  # from here on: the scheduler's acquires only
         scheduler.start()
         try:
-            seqs = [SequenceState(p, max_tokens=n) for p, n in zip(PROMPTS, MAX_TOKENS, strict=True)]
+            seqs = [
+                SequenceState(p, max_tokens=n) for p, n in zip(PROMPTS, MAX_TOKENS, strict=True)
+            ]
             outputs = [asyncio.ensure_future(drain(s)) for s in seqs]
             scheduler.submit(seqs[0])
             await take(seqs[0], 3)  # 0 runs alone for a few steps
@@ -108,7 +107,9 @@ def served(tiny_models: Callable[[str], Path]) -> Iterator[tuple[Served, Path]]:
         assert server.stop() == 0, server.stderr_text
 
 
-async def test_concurrent_streaming_clients_get_their_lone_tokens(served: tuple[Served, Path]) -> None:
+async def test_concurrent_streaming_clients_get_their_lone_tokens(
+    served: tuple[Served, Path],
+) -> None:
     server, path = served
     tok = AutoTokenizer.from_pretrained(path)
     prompts = ["hello the world", "a", "in the beginning", "zzz top", "the the the", "é ü"]

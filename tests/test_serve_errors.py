@@ -10,10 +10,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import openai
 import pytest
-
-aiohttp = pytest.importorskip("aiohttp")
-openai = pytest.importorskip("openai")
 
 from tests.serveproc import Served
 
@@ -35,11 +34,18 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 OK = {"model": "tiny", "prompt": "hello", "max_tokens": 2, "temperature": 0}
 
 
-async def post(url: str, body: Any = None, *, data: bytes | None = None,
-               headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any], Any]:  # fmt: skip
-    async with aiohttp.ClientSession() as s, s.post(
-        url, json=body if data is None else None, data=data, headers=AUTH if headers is None else headers
-    ) as r:
+async def post(
+    url: str, body: Any = None, *, data: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any], Any]:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            url,
+            json=body if data is None else None,
+            data=data,
+            headers=AUTH if headers is None else headers,
+        ) as r,
+    ):
         return r.status, dict(r.headers), await r.json(content_type=None)
 
 
@@ -48,7 +54,8 @@ def assert_error(status: int, body: Any, expected: int, param: str | None = None
     assert set(body) == {"error"}
     error = body["error"]
     assert set(error) == {"message", "type", "param", "code"}
-    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["message"], str)
+    assert error["message"]
     assert "Traceback" not in error["message"]
     if param is not None:
         assert error["param"] == param, error
@@ -79,7 +86,9 @@ CASES: list[tuple[str, Any, int, str | None]] = [
 
 
 @pytest.mark.parametrize(("name", "body", "status", "param"), CASES, ids=[c[0] for c in CASES])
-async def test_bad_completion_requests(served: Served, name: str, body: Any, status: int, param: str | None) -> None:
+async def test_bad_completion_requests(
+    served: Served, name: str, body: Any, status: int, param: str | None
+) -> None:
     code, _, answer = await post(f"{served.url}/v1/completions", body)
     assert_error(code, answer, status, param)
 
@@ -99,26 +108,34 @@ async def test_bad_chat_requests(served: Served) -> None:
 async def test_malformed_empty_and_deeply_nested_bodies(served: Served) -> None:
     url = f"{served.url}/v1/completions"
     for data in [b"{not json", b"", b"   ", b"\xff\xfe", b"[" * 100_000 + b"]" * 100_000]:
-        code, _, answer = await post(url, data=data, headers={**AUTH, "Content-Type": "application/json"})
+        code, _, answer = await post(
+            url, data=data, headers={**AUTH, "Content-Type": "application/json"}
+        )
         expected = 413 if len(data) > 64 << 10 else 400
         assert_error(code, answer, expected)
     nested: Any = "x"
     for _ in range(5000):
         nested = {"a": nested}
     deep = ('{"model": "tiny", "prompt": "hi", "extra": ' + "[" * 5000 + "]" * 5000 + "}").encode()
-    code, _, answer = await post(url, data=deep, headers={**AUTH, "Content-Type": "application/json"})
+    code, _, answer = await post(
+        url, data=deep, headers={**AUTH, "Content-Type": "application/json"}
+    )
     assert_error(code, answer, 400)
     assert "nested" in answer["error"]["message"]
 
 
 async def test_unknown_fields_are_ignored(served: Served) -> None:
-    code, _, answer = await post(f"{served.url}/v1/completions", {**OK, "frobnicate": {"x": [1]}, "user": "u"})
+    code, _, answer = await post(
+        f"{served.url}/v1/completions", {**OK, "frobnicate": {"x": [1]}, "user": "u"}
+    )
     assert code == 200, answer
     assert answer["usage"]["completion_tokens"] == 2
 
 
 async def test_body_over_the_limit_is_413(served: Served) -> None:
-    code, _, answer = await post(f"{served.url}/v1/completions", {**OK, "prompt": "x" * (100 << 10)})
+    code, _, answer = await post(
+        f"{served.url}/v1/completions", {**OK, "prompt": "x" * (100 << 10)}
+    )
     assert_error(code, answer, 413)
 
 

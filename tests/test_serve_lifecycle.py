@@ -12,11 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import openai
 import pytest
-
-aiohttp = pytest.importorskip("aiohttp")
-openai = pytest.importorskip("openai")
-
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.serveproc import Served
@@ -31,7 +29,7 @@ async def get_json(s: Any, url: str) -> Any:
 
 async def wait_in_progress(s: Any, url: str, n: int) -> None:
     async with asyncio.timeout(30):
-        while (await get_json(s, f"{url}/healthz"))["sequences_active"] < n:
+        while (await get_json(s, f"{url}/healthz"))["sequences_active"] < n:  # noqa: ASYNC110
             await asyncio.sleep(0.01)  # polling a subprocess: no event to wait on
 
 
@@ -44,7 +42,9 @@ async def read_stream(s: Any, url: str, max_tokens: int) -> list[str]:
 async def test_sigterm_finishes_short_requests_and_ends_long_ones_with_an_error(
     tiny_models: Callable[[str], Path],
 ) -> None:
-    with Served(tiny_models("llama"), "--shutdown-timeout", "4", "--debug-step-delay", "0.05") as server:
+    with Served(
+        tiny_models("llama"), "--shutdown-timeout", "4", "--debug-step-delay", "0.05"
+    ) as server:
         async with aiohttp.ClientSession() as s:
             short = [asyncio.ensure_future(read_stream(s, server.url, 3)) for _ in range(2)]
             long = [asyncio.ensure_future(read_stream(s, server.url, 220)) for _ in range(2)]
@@ -57,7 +57,8 @@ async def test_sigterm_finishes_short_requests_and_ends_long_ones_with_an_error(
                 assert lines[-1] == "data: [DONE]"  # finished within the timeout
             for lines in await asyncio.gather(*long):
                 assert lines[-1] != "data: [DONE]"
-                assert '"error"' in lines[-1] and "shutting down" in lines[-1]
+                assert '"error"' in lines[-1]
+                assert "shutting down" in lines[-1]
         assert code == 0, server.stderr_text
         assert elapsed < 4 + 1, elapsed  # the bound: timeout plus a second
         assert "Traceback" not in server.stderr_text, server.stderr_text
@@ -65,9 +66,13 @@ async def test_sigterm_finishes_short_requests_and_ends_long_ones_with_an_error(
 
 
 async def test_openai_client_sees_the_shutdown_error(tiny_models: Callable[[str], Path]) -> None:
-    with Served(tiny_models("llama"), "--shutdown-timeout", "0", "--debug-step-delay", "0.05") as server:
+    with Served(
+        tiny_models("llama"), "--shutdown-timeout", "0", "--debug-step-delay", "0.05"
+    ) as server:
         async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as c:
-            stream = await c.completions.create(model="tiny", prompt="hi", max_tokens=200, stream=True)
+            stream = await c.completions.create(
+                model="tiny", prompt="hi", max_tokens=200, stream=True
+            )
             first = await stream.__anext__()
             assert first.choices
             server.proc.send_signal(signal.SIGTERM)
@@ -85,9 +90,13 @@ async def test_disconnects_cancel_only_their_own_request_and_leave_nothing_lease
             alone = await read_stream(s, server.url, 30)
             keep = asyncio.ensure_future(read_stream(s, server.url, 30))
             for _ in range(3):  # clients that hang up after their first tokens
-                async with s.post(f"{server.url}/v1/completions", json={**BODY, "max_tokens": 200}) as r:
+                async with s.post(
+                    f"{server.url}/v1/completions", json={**BODY, "max_tokens": 200}
+                ) as r:
                     await r.content.readline()
-            assert await keep == [line.replace(alone[0][6:50], alone[0][6:50]) for line in keep.result()]
+            assert await keep == [
+                line.replace(alone[0][6:50], alone[0][6:50]) for line in keep.result()
+            ]
             texts = [line for line in keep.result() if '"text"' in line]
             assert len(texts) == len([line for line in alone if '"text"' in line])
             async with asyncio.timeout(30):

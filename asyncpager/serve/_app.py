@@ -28,10 +28,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
-from typing import Any, final
+from typing import Any, Literal, final
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
 from prometheus_client import Histogram as PromHistogram
 
 from ._protocol import (
@@ -63,7 +69,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     prefetch_depth: int = 1
-    policy: str = "schedule"
+    policy: Literal["lru", "schedule"] = "schedule"
     api_key: str | None = None
     max_concurrency: int = 64
     shutdown_timeout: float = 10.0
@@ -330,7 +336,9 @@ class _Reply:
             "total_tokens": self.prompt_len + self.completion_tokens,
         }
 
-    def _choice(self, text: str, finish: str | None, *, delta: bool, first: bool = False) -> dict[str, Any]:
+    def _choice(
+        self, text: str, finish: str | None, *, delta: bool, first: bool = False
+    ) -> dict[str, Any]:
         if not self.chat:
             return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         if not delta:
@@ -353,11 +361,15 @@ class _Reply:
 
     async def whole(self, seq: SequenceState, t0: float) -> web.Response:
         pieces = [piece async for piece in self._tokens(seq, t0)]
-        body = self._envelope([self._choice("".join(pieces), self.reason, delta=False)], chunk=False)
+        body = self._envelope(
+            [self._choice("".join(pieces), self.reason, delta=False)], chunk=False
+        )
         body["usage"] = self._usage()
         return web.json_response(body)
 
-    async def stream(self, request: web.Request, seq: SequenceState, t0: float) -> web.StreamResponse:
+    async def stream(
+        self, request: web.Request, seq: SequenceState, t0: float
+    ) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
@@ -374,7 +386,11 @@ class _Reply:
         try:
             async for piece in self._tokens(seq, t0):
                 if piece:
-                    await send(self._envelope([self._choice(piece, None, delta=True, first=first)], chunk=True))
+                    await send(
+                        self._envelope(
+                            [self._choice(piece, None, delta=True, first=first)], chunk=True
+                        )
+                    )
                     first = False
         except APIError as exc:
             await send(exc.body())  # the client sees the error; no [DONE]
@@ -453,7 +469,9 @@ async def _read_json(request: web.Request) -> dict[str, Any]:
     return await asyncio.to_thread(parse_json_object, body)
 
 
-async def _admitted(request: web.Request, parse: Callable[[dict[str, Any]], Any]) -> web.StreamResponse:
+async def _admitted(
+    request: web.Request, parse: Callable[[dict[str, Any]], Any]
+) -> web.StreamResponse:
     server = request.app[SERVER]
     server.admit()
     try:

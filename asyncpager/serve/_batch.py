@@ -120,7 +120,10 @@ class BatchKV:
             if hasattr(mine, "cumulative_length"):
                 mine.cumulative_length = width
         self.mask = torch.cat(
-            [_pad_left_mask(self.mask, width - self.width), _pad_left_mask(other.mask, width - other.width)]
+            [
+                _pad_left_mask(self.mask, width - self.width),
+                _pad_left_mask(other.mask, width - other.width),
+            ]
         )
         self.width = width
         self.lengths = self.lengths + other.lengths

@@ -84,9 +84,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as exc:
         raise _bad(f"the body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
-        raise _bad(
-            f"the body must be a JSON object, not {_json_type(data)}", code="invalid_json"
-        )
+        raise _bad(f"the body must be a JSON object, not {_json_type(data)}", code="invalid_json")
     return data
 
 
@@ -249,7 +247,11 @@ def parse_completion(data: dict[str, Any]) -> CompletionRequest:
         if any(t < 0 for t in prompt):
             raise _bad("token ids in 'prompt' must be non-negative", "prompt", "invalid_value")
         return CompletionRequest(params, tuple(prompt))
-    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str | list) for p in prompt):
+    if (
+        isinstance(prompt, list)
+        and len(prompt) > 1
+        and all(isinstance(p, str | list) for p in prompt)
+    ):
         raise _bad("only one prompt per request is supported", "prompt", "unsupported")
     raise _bad(
         "'prompt' is required: a non-empty string or array of token ids", "prompt", "invalid_type"

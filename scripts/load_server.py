@@ -22,12 +22,10 @@ import argparse
 import asyncio
 import json
 import signal
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -161,7 +159,8 @@ def row(label: str, p: Phase) -> str:
     ms = 1000
     return (
         f"| {label} | {p.clients} | {p.tokens / p.seconds:.2f} | {pct(p.ttft, 0.5) * ms:.0f} / "
-        f"{pct(p.ttft, 0.99) * ms:.0f} | {pct(p.itl, 0.5) * ms:.0f} / {pct(p.itl, 0.99) * ms:.0f} | "
+        f"{pct(p.ttft, 0.99) * ms:.0f} | {pct(p.itl, 0.5) * ms:.0f} / "
+        f"{pct(p.itl, 0.99) * ms:.0f} | "
         f"{p.bytes_read / max(p.tokens, 1) / 2**20:.1f} | {p.rows:.1f} |"
     )
 
@@ -182,7 +181,8 @@ async def main() -> int:
     paged_budget, full_budget, share = budgets(model, args.layer_share)
     print(f"model {model} ({ap.read_index(model).nbytes / 2**20:.0f} MiB); paged budget "
           f"{paged_budget / 2**20:.0f} MiB ({share:.0%} of the model, {args.layer_share:.0%} "
-          f"of the decoder layers); full budget {full_budget / 2**20:.0f} MiB", flush=True)  # fmt: skip
+          f"of the decoder layers); full budget {full_budget / 2**20:.0f} MiB",
+          flush=True)  # fmt: skip
     results = {
         "paged": await run_config("paged", model, paged_budget, args),
         "fully loaded": await run_config("fully loaded", model, full_budget, args),

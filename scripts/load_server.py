@@ -54,6 +54,8 @@ class Phase:
     itl: list[float] = field(default_factory=list)
     bytes_read: float = 0.0
     rows: float = 0.0
+    forwards: float = 0.0
+    model: dict[str, float] = field(default_factory=dict)  # model forward time split
 
 
 def pct(values: list[float], q: float) -> float:
@@ -124,6 +126,10 @@ async def run_phase(url: str, clients: int, requests: int, tokens: int) -> Phase
     )
     rows = after["asyncpager_server_batch_rows_sum"] - before["asyncpager_server_batch_rows_sum"]
     phase.rows = rows / forwards if forwards else 0.0
+    phase.forwards = forwards
+    for key in ("forward", "wait", "bind"):
+        name = f"asyncpager_model_{key}_seconds_total"
+        phase.model[key] = after.get(name, 0.0) - before.get(name, 0.0)
     return phase
 
 
@@ -193,6 +199,17 @@ async def main() -> int:
     for label, phases in results.items():
         for phase in phases:
             print(row(label, phase))
+    print("\nwhere the time goes, ms per forward (one forward = one step or one prefill):")
+    print("| server | clients | forwards | model forward | of which waiting for weights "
+          "| binding | compute | outside the model (sampling, batch merges, HTTP) |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for label, phases in results.items():
+        for p in phases:
+            n = max(p.forwards, 1)
+            fwd, wait, bind = (p.model.get(k, 0.0) * 1000 / n for k in ("forward", "wait", "bind"))
+            outside = p.seconds * 1000 / n - fwd
+            print(f"| {label} | {p.clients} | {p.forwards:.0f} | {fwd:.0f} | {wait:.0f} | "
+                  f"{bind:.0f} | {fwd - wait - bind:.0f} | {outside:.0f} |")  # fmt: skip
     for label, phases in results.items():
         first, last = phases[0], phases[-1]
         ratio = (last.tokens / last.seconds) / (first.tokens / first.seconds)

@@ -24,7 +24,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
@@ -39,6 +39,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import Histogram as PromHistogram
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from ._protocol import (
     APIError,
@@ -104,6 +105,32 @@ def _context_length(lm: Any, override: int | None) -> int:
 
 
 @final
+class _ForwardCollector:
+    """The model's own forward totals (``PagedCausalLM.forward_stats()``): where a
+    forward's time goes — waiting for layer weights, binding them, computing."""
+
+    _FIELDS = (
+        ("forward_seconds", "Time in the model's forward passes."),
+        ("wait_seconds", "Of which waiting for layer weights."),
+        ("bind_seconds", "Of which binding leased weights to the modules."),
+        ("forwards", "Forward passes."),
+    )
+
+    def __init__(self, lm: Any) -> None:
+        self._lm = lm
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._lm.forward_stats()
+        for name, help_text in self._FIELDS:
+            family = CounterMetricFamily(f"asyncpager_model_{name}", help_text)
+            family.add_metric([], float(getattr(stats, name)))
+            yield family
+
+
+@final
 class Server:
     """What the handlers share: the model, its scheduler, the metrics, the admission count."""
 
@@ -139,6 +166,8 @@ class Server:
             from asyncpager.metrics import PagerCollector
 
             r.register(PagerCollector(pager))
+        if hasattr(self.lm, "forward_stats"):
+            r.register(_ForwardCollector(self.lm))
         ns = "asyncpager_server"
         self.m_requests = Counter(
             f"{ns}_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"],

@@ -29,7 +29,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal, final
+from typing import Any, Literal, final
 
 from ._errors import SourceError
 from ._sources import Source
@@ -108,7 +108,7 @@ def _convert_gemma(gguf: Path, out: Path, dtype: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         os.fspath(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, dtype)
     )
     # save_pretrained refuses a model "quantized with gguf": the weights are plain

@@ -31,6 +31,7 @@ measure; figures in the README, ``scripts/bench_torch.py``):
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Callable
 from time import perf_counter_ns
@@ -249,7 +250,7 @@ class LayerHooks:
             )
             req.task = task
             run.tasks.add(task)
-            task.add_done_callback(lambda t, req=req: self._granted(run, req, t))
+            task.add_done_callback(functools.partial(self._granted, run, req))
         for req in abandon:
             self._abandon(req)
 

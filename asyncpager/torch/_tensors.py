@@ -21,6 +21,7 @@ from typing import Any, ClassVar, final
 
 import numpy as np
 import torch
+import torch.utils.dlpack
 
 from .._lease import Lease
 
@@ -67,7 +68,7 @@ def _plain(array: np.ndarray[Any, Any]) -> torch.Tensor:
     try:
         view.flags.writeable = True
     except ValueError:
-        return torch.from_dlpack(array)
+        return torch.utils.dlpack.from_dlpack(array)
     return torch.from_numpy(view)
 
 

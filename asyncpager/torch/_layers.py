@@ -114,6 +114,8 @@ class LayerHooks:
         self._local = threading.local()
         order = sorted(skeleton.layer_modules)
         self._next = {n: order[i + 1] for i, n in enumerate(order[:-1])}
+        # the next token's first layer, hinted when the last layer starts (see module doc)
+        self._wrap = {order[-1]: order[0]} if early and order else {}
         self._bindings: dict[int, list[tuple[str, list[Slot], torch.dtype | None]]] = {
             n: [(ck, skeleton.slots[ck], skeleton.convert[ck]) for ck in skeleton.layer_names[n]]
             for n in order
@@ -167,14 +169,15 @@ class LayerHooks:
             nxt = self._next.get(layer) if self._early else None
             if nxt is not None and nxt in run.requests:
                 nxt = None
+            hint = self._wrap.get(layer)
             if req.done.is_set():  # the common case with early requests: one message
                 if nxt is not None:
                     start.append(run.requests.setdefault(nxt, _LayerRequest(nxt)))
-                if release is not None or start:
-                    self._post(run, release, start)
+                if release is not None or start or hint is not None:
+                    self._post(run, release, start, hint=hint)
             else:
-                if release is not None or start:
-                    self._post(run, release, start)
+                if release is not None or start or hint is not None:
+                    self._post(run, release, start, hint=hint)
                 run.waiting = req
                 t0 = perf_counter_ns()
                 if not run.cancelled:  # else the loop may have missed run.waiting
@@ -226,8 +229,9 @@ class LayerHooks:
         release: _LayerRequest | None,
         start: list[_LayerRequest],
         abandon: list[_LayerRequest] | None = None,
+        hint: int | None = None,
     ) -> None:
-        self._loop.call_soon_threadsafe(self._on_loop, run, release, start, abandon or [])
+        self._loop.call_soon_threadsafe(self._on_loop, run, release, start, abandon or [], hint)
 
     # ------------------------------------------------------------------ loop side
 
@@ -237,10 +241,13 @@ class LayerHooks:
         release: _LayerRequest | None,
         start: list[_LayerRequest],
         abandon: list[_LayerRequest],
+        hint: int | None,
     ) -> None:
         if release is not None and release.group is not None:
             release.group.release()
             release.group = None
+        if hint is not None and not self._pager.closed:
+            self._pager.prefetch(self._pager.layers[hint])
         for req in start:
             if run.cancelled or self._pager.closed:
                 self._fail(req, ForwardCancelled() if run.cancelled else _closed())

@@ -279,7 +279,9 @@ class PagedCausalLM:
             index=prepared.index,
             budget_bytes=budget_bytes,
             pinned=skeleton.resident_names,
-            prefetch_depth=prefetch_depth,
+            # the hooks request the next layer themselves (see _layers.py): the pager
+            # prefetches the layers beyond it
+            prefetch_depth=max(0, prefetch_depth - 1),
             policy=policy,
             direct_io=direct_io,
             **pager_options,

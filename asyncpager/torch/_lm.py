@@ -28,7 +28,7 @@ from typing import Any, Literal, Self, final
 
 import torch
 
-from .._errors import FormatError
+from .._errors import FormatError, PagerClosed
 from .._formats import read_index
 from .._lease import LeaseGroup
 from .._open import open as open_pager
@@ -375,8 +375,6 @@ class PagedCausalLM:
             SourceError: a layer could not be read.
         """
         if self._closed:
-            from .._errors import PagerClosed
-
             raise PagerClosed("the PagedCausalLM is closed")
         run = ForwardRun()
         self._runs.add(run)
@@ -407,6 +405,8 @@ class PagedCausalLM:
             with torch.inference_mode():
                 return self._hooks.run_forward(run, lambda: self.model(**model_kwargs))
         except ForwardCancelled:
+            if self._closed:
+                raise PagerClosed("the PagedCausalLM was closed during this forward") from None
             raise asyncio.CancelledError from None
         finally:
             self._n_forwards += 1

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 import asyncpager as ap
-
 from tests.conftest import PagerWatch
 from tests.test_torch_exact import assert_no_leases
 from tests.torch_models import PROMPTS, Reference, budget_for, reference, save_tiny

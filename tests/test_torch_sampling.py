@@ -14,7 +14,7 @@ from tests.torch_models import PROMPTS, Reference, budget_for, reference, save_t
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from asyncpager.torch import PagedCausalLM  # noqa: E402
-from asyncpager.torch._sampling import make_generator, next_token  # noqa: E402
+from asyncpager.torch._decode import DecodeLoop, make_generator, next_token, run_full  # noqa: E402
 
 NEW_TOKENS = 10
 
@@ -27,17 +27,9 @@ def qwen(tmp_path_factory: pytest.TempPathFactory) -> Reference:
 def sample_full(
     model: Any, prompt: list[int], n: int, temperature: float, top_p: float, seed: int
 ) -> list[int]:
-    """The same sampling loop over the fully loaded model (no stop ids)."""
-    gen = make_generator(seed)
-    out: list[int] = []
-    ids = list(prompt)
-    with torch.inference_mode():
-        for _ in range(n):
-            logits = model(torch.tensor([ids])).logits[0, -1]
-            tok = next_token(logits, temperature, top_p, gen)
-            out.append(tok)
-            ids.append(tok)
-    return out
+    """The same decode loop over the fully loaded model (no stop ids)."""
+    loop = DecodeLoop(model, prompt, n, temperature=temperature, top_p=top_p, seed=seed)
+    return run_full(model, loop)
 
 
 @pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (1.5, 0.9), (0.7, 0.5)])

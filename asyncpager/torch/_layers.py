@@ -31,6 +31,7 @@ measure; figures in the README, ``scripts/bench_torch.py``):
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Callable
 from time import perf_counter_ns
@@ -76,6 +77,7 @@ class ForwardRun:
     __slots__ = (
         "bind_ns",
         "binds",
+        "bound",
         "cancelled",
         "held",
         "requests",
@@ -92,6 +94,7 @@ class ForwardRun:
         self.tasks: set[asyncio.Task[LeaseGroup]] = set()
         self.wait_ns = 0
         self.bind_ns = 0
+        self.bound: int | None = None
         self.binds = 0
 
 
@@ -111,8 +114,12 @@ class LayerHooks:
         self._loop = loop
         self._early = early
         self._local = threading.local()
+        self._bind_lock = threading.Lock()
+        self._bound: dict[int, int] = {}
         order = sorted(skeleton.layer_modules)
         self._next = {n: order[i + 1] for i, n in enumerate(order[:-1])}
+        # the next token's first layer, hinted when the last layer starts (see module doc)
+        self._wrap = {order[-1]: order[0]} if early and order else {}
         self._bindings: dict[int, list[tuple[str, list[Slot], torch.dtype | None]]] = {
             n: [(ck, skeleton.slots[ck], skeleton.convert[ck]) for ck in skeleton.layer_names[n]]
             for n in order
@@ -135,7 +142,7 @@ class LayerHooks:
             return call()
         finally:
             self._local.run = None
-            self._unbind_held(run)
+            self._unbind(run)
             leftovers = [r for r in (run.held, *run.requests.values()) if r is not None]
             run.held = None
             run.requests.clear()
@@ -166,14 +173,15 @@ class LayerHooks:
             nxt = self._next.get(layer) if self._early else None
             if nxt is not None and nxt in run.requests:
                 nxt = None
+            hint = self._wrap.get(layer)
             if req.done.is_set():  # the common case with early requests: one message
                 if nxt is not None:
                     start.append(run.requests.setdefault(nxt, _LayerRequest(nxt)))
-                if release is not None or start:
-                    self._post(run, release, start)
+                if release is not None or start or hint is not None:
+                    self._post(run, release, start, hint=hint)
             else:
-                if release is not None or start:
-                    self._post(run, release, start)
+                if release is not None or start or hint is not None:
+                    self._post(run, release, start, hint=hint)
                 run.waiting = req
                 t0 = perf_counter_ns()
                 if not run.cancelled:  # else the loop may have missed run.waiting
@@ -189,6 +197,7 @@ class LayerHooks:
             assert req.group is not None
             t0 = perf_counter_ns()
             self._bind(layer, req.group)
+            run.bound = layer
             run.bind_ns += perf_counter_ns() - t0
             run.binds += 1
 
@@ -197,27 +206,40 @@ class LayerHooks:
     def _post_hook(self, layer: int) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             run = getattr(self._local, "run", None)
-            if run is not None and run.held is not None and run.held.layer == layer:
-                self._unbind(layer)
+            if run is not None and run.bound == layer:
+                self._unbind(run)
 
         return hook
 
+    # A module's parameters are shared by every forward: concurrent forwards in the
+    # same layer share one binding (their leases are on the same resident tensors, so
+    # the bound memory is valid while any of them holds its lease), counted per layer.
+
     def _bind(self, layer: int, group: LeaseGroup) -> None:
-        for ck, slots, convert in self._bindings[layer]:
-            t = bind_view(group[ck].array)
-            if convert is not None:
-                t = t.to(convert)
-            for slot in slots:
-                slot.table[slot.attr] = t
+        with self._bind_lock:
+            count = self._bound.get(layer, 0)
+            self._bound[layer] = count + 1
+            if count:
+                return
+            for ck, slots, convert in self._bindings[layer]:
+                t = bind_view(group[ck].array)
+                if convert is not None:
+                    t = t.to(convert)
+                for slot in slots:
+                    slot.table[slot.attr] = t
 
-    def _unbind(self, layer: int) -> None:
-        for _, slots, _ in self._bindings[layer]:
-            for slot in slots:
-                slot.table[slot.attr] = slot.placeholder
-
-    def _unbind_held(self, run: ForwardRun) -> None:
-        if run.held is not None and run.held.group is not None:
-            self._unbind(run.held.layer)
+    def _unbind(self, run: ForwardRun) -> None:
+        layer, run.bound = run.bound, None
+        if layer is None:
+            return
+        with self._bind_lock:
+            count = self._bound[layer] - 1
+            self._bound[layer] = count
+            if count:
+                return
+            for _, slots, _ in self._bindings[layer]:
+                for slot in slots:
+                    slot.table[slot.attr] = slot.placeholder
 
     def _post(
         self,
@@ -225,8 +247,9 @@ class LayerHooks:
         release: _LayerRequest | None,
         start: list[_LayerRequest],
         abandon: list[_LayerRequest] | None = None,
+        hint: int | None = None,
     ) -> None:
-        self._loop.call_soon_threadsafe(self._on_loop, run, release, start, abandon or [])
+        self._loop.call_soon_threadsafe(self._on_loop, run, release, start, abandon or [], hint)
 
     # ------------------------------------------------------------------ loop side
 
@@ -236,10 +259,13 @@ class LayerHooks:
         release: _LayerRequest | None,
         start: list[_LayerRequest],
         abandon: list[_LayerRequest],
+        hint: int | None,
     ) -> None:
         if release is not None and release.group is not None:
             release.group.release()
             release.group = None
+        if hint is not None and not self._pager.closed:
+            self._pager.prefetch(self._pager.layers[hint])
         for req in start:
             if run.cancelled or self._pager.closed:
                 self._fail(req, ForwardCancelled() if run.cancelled else _closed())
@@ -249,7 +275,7 @@ class LayerHooks:
             )
             req.task = task
             run.tasks.add(task)
-            task.add_done_callback(lambda t, req=req: self._granted(run, req, t))
+            task.add_done_callback(functools.partial(self._granted, run, req))
         for req in abandon:
             self._abandon(req)
 

@@ -16,7 +16,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 from collections.abc import AsyncIterator, Generator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,14 +27,14 @@ from typing import Any, Literal, Self, final
 
 import torch
 
-from .._errors import FormatError
+from .._errors import FormatError, PagerClosed
 from .._formats import read_index
 from .._lease import LeaseGroup
 from .._open import open as open_pager
 from .._pager import Pager
 from .._sizes import parse_size
+from ._decode import DecodeLoop, as_ids, eos_ids
 from ._layers import ForwardCancelled, ForwardRun, LayerHooks
-from ._sampling import make_generator, next_token
 from ._skeleton import Skeleton, build_skeleton, load_config
 from ._tensors import ReadOnlyTensor, bind_view, torch_dtype
 
@@ -198,11 +197,6 @@ class PagedCausalLM:
             initializer=torch.set_num_threads,
             initargs=(self.torch_threads,),
         )
-        params = inspect.signature(self.model.forward).parameters
-        self._logits_to_keep = "logits_to_keep" in params
-        # transformers 5.x renamed past_key_values to cache (the old name warns)
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        self._cache_position = "cache_position" in params
         self._closed = False
         self._runs: set[ForwardRun] = set()
         self._reset_stats()
@@ -279,7 +273,9 @@ class PagedCausalLM:
             index=prepared.index,
             budget_bytes=budget_bytes,
             pinned=skeleton.resident_names,
-            prefetch_depth=prefetch_depth,
+            # the hooks request the next layer themselves (see _layers.py): the pager
+            # prefetches the layers beyond it
+            prefetch_depth=max(0, prefetch_depth - 1),
             policy=policy,
             direct_io=direct_io,
             **pager_options,
@@ -373,8 +369,6 @@ class PagedCausalLM:
             SourceError: a layer could not be read.
         """
         if self._closed:
-            from .._errors import PagerClosed
-
             raise PagerClosed("the PagedCausalLM is closed")
         run = ForwardRun()
         self._runs.add(run)
@@ -405,6 +399,8 @@ class PagedCausalLM:
             with torch.inference_mode():
                 return self._hooks.run_forward(run, lambda: self.model(**model_kwargs))
         except ForwardCancelled:
+            if self._closed:
+                raise PagerClosed("the PagedCausalLM was closed during this forward") from None
             raise asyncio.CancelledError from None
         finally:
             self._n_forwards += 1
@@ -418,12 +414,7 @@ class PagedCausalLM:
     def _stop_ids(self, stop: Iterable[int] | None) -> frozenset[int]:
         if stop is not None:
             return frozenset(int(s) for s in stop)
-        eos = getattr(self.generation_config, "eos_token_id", None)
-        if eos is None:
-            eos = getattr(self.config, "eos_token_id", None)
-        if eos is None:
-            return frozenset()
-        return frozenset([eos] if isinstance(eos, int) else [int(e) for e in eos])
+        return eos_ids(self.generation_config, self.config)
 
     async def logits(self, input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """The logits of every position of ``input_ids`` (one sequence), shape
@@ -431,7 +422,7 @@ class PagedCausalLM:
 
         Raises: as :meth:`forward`.
         """
-        ids = _as_ids(input_ids)
+        ids = as_ids(input_ids)
         out = await self.forward(input_ids=ids[None], use_cache=False)
         return out.logits[0]  # type: ignore[no-any-return]
 
@@ -454,30 +445,18 @@ class PagedCausalLM:
         Breaking out of the loop or cancelling leaves the pager holding nothing of
         this call. Raises: as :meth:`forward`.
         """
-        from transformers import DynamicCache
-
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, not {max_new_tokens}")
-        stops = self._stop_ids(stop)
-        gen = make_generator(seed)
-        ids = _as_ids(input_ids)
-        cache = DynamicCache(config=self.config)
-        cur = ids[None]
-        past = 0
-        extra: dict[str, Any] = {self._cache_kwarg: cache, "use_cache": True}
-        if self._logits_to_keep:
-            extra["logits_to_keep"] = 1
-        for _ in range(max_new_tokens):
-            n = cur.shape[1]
-            if self._cache_position:
-                extra["cache_position"] = torch.arange(past, past + n)
-            out = await self.forward(input_ids=cur, **extra)
-            tok = next_token(out.logits[0, -1], temperature, top_p, gen)
-            yield tok
-            if tok in stops:
-                return
-            past += n
-            cur = torch.tensor([[tok]], dtype=torch.long)
+        loop = DecodeLoop(
+            self.model,
+            input_ids,
+            max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stops=self._stop_ids(stop),
+        )
+        for kwargs in loop:
+            out = await self.forward(**kwargs)
+            yield loop.feed(out.logits)
 
     async def generate(
         self,
@@ -502,15 +481,6 @@ class PagedCausalLM:
                 stop=stop,
             )
         ]
-
-
-def _as_ids(input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(list(input_ids))
-    if ids.dim() == 2 and ids.shape[0] == 1:
-        ids = ids[0]
-    if ids.dim() != 1 or ids.numel() == 0:
-        raise ValueError(f"input_ids must be one non-empty sequence, not shape {tuple(ids.shape)}")
-    return ids.to(torch.long)
 
 
 def _check_layer_fits(pager: Pager, skeleton: Skeleton) -> None:

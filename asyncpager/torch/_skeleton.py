@@ -109,7 +109,8 @@ def load_config(path: Path) -> Any:
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise FormatError(config_file, exc.pos, f"not valid JSON: {exc.msg}") from None
+        at = len(text[: exc.pos].encode())  # a byte offset, as FormatError promises
+        raise FormatError(config_file, at, f"not valid JSON: {exc.msg}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
         raise FormatError(config_file, 0, "not a transformers config: no 'model_type' string")
     try:
@@ -121,17 +122,15 @@ def load_config(path: Path) -> Any:
 def _renamers(model_type: str) -> list[tuple[re.Pattern[str], str]]:
     """transformers' pure checkpoint -> model renames for an architecture (if any)."""
     try:
-        from transformers.conversion_mapping import (
-            WeightRenaming,
-            get_checkpoint_conversion_mapping,
-        )
+        from transformers import conversion_mapping
 
-        rules = get_checkpoint_conversion_mapping(model_type) or []
+        renaming: Any = getattr(conversion_mapping, "WeightRenaming")  # noqa: B009
+        rules = conversion_mapping.get_checkpoint_conversion_mapping(model_type) or []  # type: ignore[no-untyped-call]
     except Exception:  # an older or newer transformers without this table
         return []
     out = []
     for rule in rules:
-        if isinstance(rule, WeightRenaming):
+        if isinstance(rule, renaming):
             for src, dst in zip(rule.source_patterns, rule.target_patterns, strict=False):
                 out.append((re.compile(src), dst))
     return out
@@ -162,7 +161,7 @@ def build_skeleton(
 
     try:
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
     except ValueError as exc:
         raise FormatError(path / "config.json", 0, f"no causal LM for this config: {exc}") from exc
     model.tie_weights()
@@ -171,12 +170,12 @@ def build_skeleton(
 
     renames = _renamers(getattr(config, "model_type", ""))
     model_to_ckpt: dict[str, str] = {}
-    for ck in index.tensors:
-        model_to_ckpt.setdefault(ck, ck)
-        renamed = ck
+    for stored in index.tensors:
+        model_to_ckpt.setdefault(stored, stored)
+        renamed = stored
         for pattern, repl in renames:
             renamed = pattern.sub(repl, renamed)
-        model_to_ckpt.setdefault(renamed, ck)
+        model_to_ckpt.setdefault(renamed, stored)
 
     # One entry per distinct tensor object: tied weights share one.
     groups: dict[int, tuple[torch.Tensor, list[tuple[str, Slot]]]] = {}
@@ -203,7 +202,7 @@ def build_skeleton(
     missing: list[str] = []
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
     for tensor, entries in groups.values():
-        ck = next(
+        ck: str | None = next(
             (
                 model_to_ckpt[c]
                 for full, _ in entries

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, final
 
 import numpy as np
 import torch
+import torch.utils.dlpack
 
 from .._lease import Lease
 
@@ -67,7 +68,7 @@ def _plain(array: np.ndarray[Any, Any]) -> torch.Tensor:
     try:
         view.flags.writeable = True
     except ValueError:
-        return torch.from_dlpack(array)
+        return torch.utils.dlpack.from_dlpack(array)
     return torch.from_numpy(view)
 
 
@@ -130,6 +131,7 @@ class ReadOnlyTensor(torch.Tensor):
 def _touches_read_only(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
     out = kwargs.get("out")
     targets = [*(out if isinstance(out, tuple | list) else (out,)), *args[:1]]
+    targets += [kwargs.get(k) for k in ("tensor", "input", "self")]  # nn.init.*_(tensor=)
     return any(isinstance(t, ReadOnlyTensor) for t in targets)
 
 

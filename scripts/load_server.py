@@ -181,7 +181,7 @@ async def main() -> int:
     args = p.parse_args()
     model = args.model
     if model is None:
-        from asyncpager.testing import gemma_checkpoint  # type: ignore[attr-defined,unused-ignore]
+        from asyncpager.testing import gemma_checkpoint
 
         model = gemma_checkpoint("float32")
     paged_budget, full_budget, share = budgets(model, args.layer_share)

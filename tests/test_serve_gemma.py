@@ -24,7 +24,7 @@ PROMPTS = ["The capital of France is", "Here is a short essay about bees.", "1, 
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[Served, Path]]:
-    from asyncpager.testing import gemma_checkpoint  # type: ignore[attr-defined,unused-ignore]
+    from asyncpager.testing import gemma_checkpoint
 
     path = Path(gemma_checkpoint("float32"))
     index = ap.read_index(path)

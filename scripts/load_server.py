@@ -144,7 +144,7 @@ def budgets(model: Path, layer_share: float) -> tuple[int, int, float]:
 async def run_config(label: str, model: Path, budget: int, args: argparse.Namespace) -> list[Phase]:
     server = await asyncio.to_thread(
         Served, model, "--model-name", "gemma", "--prefetch", "1", "--policy", "schedule",
-        budget=str(budget), timeout=300,
+        budget=str(budget), timeout=300, torch_threads=args.torch_threads,
     )  # fmt: skip
     try:
         await run_phase(server.url, 1, 1, 4)  # warm-up: first reads, lazy init
@@ -178,6 +178,7 @@ async def main() -> int:
     p.add_argument("--tokens", type=int, default=32, help="max_tokens per request")
     p.add_argument("--requests", type=int, default=2, help="requests per client per phase")
     p.add_argument("--layer-share", type=float, default=0.5, help="share of layers in budget")
+    p.add_argument("--torch-threads", type=int, default=None, help="default: torch's")
     args = p.parse_args()
     model = args.model
     if model is None:

@@ -18,8 +18,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 class Served:
     def __init__(
-        self, model: Path, *args: str, budget: str = "500KiB", timeout: float = 120
+        self,
+        model: Path,
+        *args: str,
+        budget: str = "500KiB",
+        timeout: float = 120,
+        torch_threads: int | None = 1,
     ) -> None:
+        """Start the server and wait until it listens (tiny test models run fastest on
+        one torch thread on a shared machine)."""
+        if torch_threads is not None:
+            args = ("--torch-threads", str(torch_threads), *args)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "asyncpager", "serve", str(model), "--budget", budget,

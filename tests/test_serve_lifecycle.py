@@ -19,6 +19,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.serveproc import Served
 
+
+def loop_name() -> str:
+    """The server runs on the same kind of loop as the test."""
+    return "uvloop" if "uvloop" in type(asyncio.get_running_loop()).__module__ else "asyncio"
+
+
 BODY = {"model": "tiny", "prompt": "hello", "temperature": 0, "stream": True}
 
 
@@ -43,7 +49,13 @@ async def test_sigterm_finishes_short_requests_and_ends_long_ones_with_an_error(
     tiny_models: Callable[[str], Path],
 ) -> None:
     with Served(
-        tiny_models("llama"), "--shutdown-timeout", "4", "--debug-step-delay", "0.05"
+        tiny_models("llama"),
+        "--loop",
+        loop_name(),
+        "--shutdown-timeout",
+        "4",
+        "--debug-step-delay",
+        "0.05",
     ) as server:
         async with aiohttp.ClientSession() as s:
             short = [asyncio.ensure_future(read_stream(s, server.url, 3)) for _ in range(2)]
@@ -67,7 +79,13 @@ async def test_sigterm_finishes_short_requests_and_ends_long_ones_with_an_error(
 
 async def test_openai_client_sees_the_shutdown_error(tiny_models: Callable[[str], Path]) -> None:
     with Served(
-        tiny_models("llama"), "--shutdown-timeout", "0", "--debug-step-delay", "0.05"
+        tiny_models("llama"),
+        "--loop",
+        loop_name(),
+        "--shutdown-timeout",
+        "0",
+        "--debug-step-delay",
+        "0.05",
     ) as server:
         async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as c:
             stream = await c.completions.create(
@@ -85,7 +103,9 @@ async def test_openai_client_sees_the_shutdown_error(tiny_models: Callable[[str]
 async def test_disconnects_cancel_only_their_own_request_and_leave_nothing_leased(
     tiny_models: Callable[[str], Path],
 ) -> None:
-    with Served(tiny_models("gemma3"), "--debug-step-delay", "0.01") as server:
+    with Served(
+        tiny_models("gemma3"), "--loop", loop_name(), "--debug-step-delay", "0.01"
+    ) as server:
         async with aiohttp.ClientSession() as s:
             alone = await read_stream(s, server.url, 30)
             keep = asyncio.ensure_future(read_stream(s, server.url, 30))

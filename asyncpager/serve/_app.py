@@ -79,6 +79,8 @@ class ServeConfig:
     max_context: int | None = None
     model_name: str | None = None
     step_delay: float = 0.0
+    dtype: str | None = None
+    torch_threads: int | None = None
 
 
 def _eos_ids(lm: Any) -> frozenset[int]:

@@ -14,7 +14,13 @@ __all__ = ["open_lm"]
 
 @contextlib.asynccontextmanager
 async def open_lm(
-    path: Path, *, budget_bytes: int, prefetch_depth: int, policy: Literal["lru", "schedule"]
+    path: Path,
+    *,
+    budget_bytes: int,
+    prefetch_depth: int,
+    policy: Literal["lru", "schedule"],
+    dtype: str | None = None,
+    torch_threads: int | None = None,
 ) -> AsyncIterator[Any]:
     """The paged model at ``path`` (closed, with its pager, at exit)."""
     from transformers.utils import logging as hf_logging
@@ -23,6 +29,7 @@ async def open_lm(
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     async with PagedCausalLM.open(
-        path, budget_bytes=budget_bytes, prefetch_depth=prefetch_depth, policy=policy
-    ) as lm:
+        path, budget_bytes=budget_bytes, prefetch_depth=prefetch_depth, policy=policy,
+        dtype=dtype, torch_threads=torch_threads,
+    ) as lm:  # fmt: skip
         yield lm

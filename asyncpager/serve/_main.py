@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser, size: Any, positive: Any, nonneg: 
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds requests in progress get at shutdown")  # fmt: skip
     p.add_argument("--model-name", default=None, help="the id clients use (default: dir name)")
+    p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--torch-threads", type=positive, default=None,
+                   help="torch threads for the forward (default: torch's)")  # fmt: skip
     p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto")
     # A testing aid: makes each step take at least this long, so tests can catch
     # requests in flight without racing a fast tiny model.
@@ -60,7 +63,8 @@ async def serve(args: argparse.Namespace) -> int:
         prefetch_depth=args.prefetch, policy=args.policy, api_key=args.api_key,
         max_concurrency=args.max_concurrency, shutdown_timeout=args.shutdown_timeout,
         max_body_bytes=args.max_body, max_batch=args.max_batch, max_context=args.max_context,
-        model_name=args.model_name, step_delay=args.debug_step_delay,
+        model_name=args.model_name, step_delay=args.debug_step_delay, dtype=args.dtype,
+        torch_threads=args.torch_threads,
     )  # fmt: skip
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -70,7 +74,8 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         async with open_lm(
             config.model, budget_bytes=config.budget_bytes,
-            prefetch_depth=config.prefetch_depth, policy=config.policy,
+            prefetch_depth=config.prefetch_depth, policy=config.policy, dtype=config.dtype,
+            torch_threads=config.torch_threads,
         ) as lm:  # fmt: skip
             server = Server(lm, config)
             server.scheduler.start()

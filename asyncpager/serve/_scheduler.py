@@ -186,7 +186,11 @@ class StepScheduler:
         self._wake = asyncio.Event()
         self._closed = False
         self._task: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="asyncpager-serve-step")
+        threads = getattr(lm, "torch_threads", None) or torch.get_num_threads()
+        self._executor = ThreadPoolExecutor(
+            1, thread_name_prefix="asyncpager-serve-step",
+            initializer=torch.set_num_threads, initargs=(threads,),
+        )  # fmt: skip
         params = inspect.signature(lm.model.forward).parameters
         # transformers 5 renamed past_key_values to cache and dropped cache_position
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"

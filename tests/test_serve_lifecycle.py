@@ -142,3 +142,5 @@ async def test_disconnects_cancel_only_their_own_request_and_leave_nothing_lease
         assert samples[("asyncpager_server_time_to_first_token_seconds_count", ())] >= 2
         assert samples[("asyncpager_server_inter_token_seconds_count", ())] >= 58
         assert server.stop() == 0
+        assert "Traceback" not in server.stderr_text, server.stderr_text
+        assert "Error" not in server.stderr_text, server.stderr_text

@@ -1,7 +1,8 @@
 """Lifecycle of ``asyncpager serve``: SIGTERM lets requests in progress finish within
-``--shutdown-timeout``, then ends the rest with an error their clients see, and exits
-0 within the timeout plus a second; a client that disconnects mid-stream cancels only
-its own request; at quiescence /healthz shows no layer lease and /metrics agrees."""
+``--shutdown-timeout`` (new ones get 503 with Retry-After meanwhile), then ends the
+rest with an error their clients see, and exits 0 within the timeout plus a second; a
+client that disconnects mid-stream cancels only its own request; at quiescence
+/healthz shows no layer lease and /metrics agrees."""
 
 from __future__ import annotations
 
@@ -57,12 +58,22 @@ async def test_sigterm_finishes_short_requests_and_ends_long_ones_with_an_error(
         "--debug-step-delay",
         "0.05",
     ) as server:
-        async with aiohttp.ClientSession() as s:
+        # One kept-alive connection: it outlives the listening socket at shutdown.
+        kept = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+        async with kept, aiohttp.ClientSession() as s:
+            await get_json(kept, f"{server.url}/healthz")
             short = [asyncio.ensure_future(read_stream(s, server.url, 3)) for _ in range(2)]
             long = [asyncio.ensure_future(read_stream(s, server.url, 220)) for _ in range(2)]
             await wait_in_progress(s, server.url, 4)
             t0 = time.monotonic()
             server.proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(10):
+                while (await get_json(kept, f"{server.url}/healthz"))["status"] != "draining":  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)  # polling a subprocess: no event to wait on
+            async with kept.post(f"{server.url}/v1/completions", json=BODY) as refused:
+                assert refused.status == 503
+                assert refused.headers["Retry-After"] == "1"
+                assert (await refused.json())["error"]["code"] == "shutting_down"
             code = await asyncio.to_thread(server.proc.wait, 30)
             elapsed = time.monotonic() - t0
             for lines in await asyncio.gather(*short):

@@ -265,6 +265,10 @@ class Server:
         return list(request.prompt)
 
     def _max_tokens(self, params: GenerationParams, prompt_len: int) -> int:
+        if prompt_len == 0:
+            raise APIError(
+                400, "the prompt is empty once tokenized", param="prompt", code="invalid_value"
+            )
         if prompt_len >= self.context:
             raise APIError(
                 400, f"the prompt is {prompt_len} tokens; this model's context is "

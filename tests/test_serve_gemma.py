@@ -17,7 +17,7 @@ import asyncpager as ap
 from tests.serveproc import Served
 from tests.tinylm import reference_greedy
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 PROMPTS = ["The capital of France is", "Here is a short essay about bees.", "1, 2, 3, 4,"]
 

@@ -93,7 +93,7 @@ def _stored_float_dtype(index: Any) -> torch.dtype:
 class _Prepared:
     """What opening builds off the loop (index, config, skeleton, tokenizer)."""
 
-    def __init__(self, path: Path, dtype: str | torch.dtype | None) -> None:
+    def __init__(self, path: Path, dtype: str | torch.dtype | None, tokenizer: bool) -> None:
         self.index = read_index(path)
         if self.index.format != "safetensors":
             raise FormatError(
@@ -105,7 +105,7 @@ class _Prepared:
         self.config = load_config(path)
         self.dtype = _resolve_dtype(dtype, self.config, _stored_float_dtype(self.index))
         self.skeleton: Skeleton = build_skeleton(path, self.config, self.index, self.dtype)
-        self.tokenizer = _load_tokenizer(path)
+        self.tokenizer = _load_tokenizer(path) if tokenizer else None
         self.generation_config = _load_generation_config(path, self.config)
 
 
@@ -215,6 +215,7 @@ class PagedCausalLM:
         torch_threads: int | None = None,
         max_concurrent_forwards: int = 2,
         direct_io: bool = False,
+        tokenizer: bool = True,
         **pager_options: Any,
     ) -> _OpenContext:
         """Open a Hugging Face checkpoint directory (``config.json`` and
@@ -224,7 +225,8 @@ class PagedCausalLM:
 
         ``dtype`` is the model's compute dtype (default: the config's, else the
         checkpoint's); tensors stored in another floating dtype are converted (a copy)
-        each time they are bound. ``direct_io`` and ``pager_options`` go to
+        each time they are bound. ``tokenizer=False`` skips loading the tokenizer
+        (``lm.tokenizer`` is then None). ``direct_io`` and ``pager_options`` go to
         :func:`asyncpager.open`.
 
         Raises:
@@ -246,6 +248,7 @@ class PagedCausalLM:
                 torch_threads=torch_threads,
                 max_concurrent_forwards=max_concurrent_forwards,
                 direct_io=direct_io,
+                tokenizer=tokenizer,
                 pager_options=pager_options,
             )
         )
@@ -262,11 +265,12 @@ class PagedCausalLM:
         torch_threads: int | None,
         max_concurrent_forwards: int,
         direct_io: bool,
+        tokenizer: bool,
         pager_options: dict[str, Any],
     ) -> PagedCausalLM:
         if max_concurrent_forwards < 1:
             raise ValueError(f"max_concurrent_forwards must be >= 1, not {max_concurrent_forwards}")
-        prepared = await asyncio.to_thread(_Prepared, path, dtype)
+        prepared = await asyncio.to_thread(_Prepared, path, dtype, tokenizer)
         skeleton = prepared.skeleton
         pager = open_pager(
             path,
@@ -411,10 +415,13 @@ class PagedCausalLM:
 
     # ------------------------------------------------------------------ generation
 
-    def _stop_ids(self, stop: Iterable[int] | None) -> frozenset[int]:
-        if stop is not None:
-            return frozenset(int(s) for s in stop)
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """The checkpoint's end-of-sequence token ids (the default ``stop``)."""
         return eos_ids(self.generation_config, self.config)
+
+    def _stop_ids(self, stop: Iterable[int] | None) -> frozenset[int]:
+        return self.eos_ids if stop is None else frozenset(int(s) for s in stop)
 
     async def logits(self, input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """The logits of every position of ``input_ids`` (one sequence), shape

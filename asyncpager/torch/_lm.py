@@ -36,7 +36,7 @@ from .._sizes import parse_size
 from ._decode import DecodeLoop, as_ids, eos_ids
 from ._layers import ForwardCancelled, ForwardRun, LayerHooks
 from ._skeleton import Skeleton, build_skeleton, load_config
-from ._tensors import ReadOnlyTensor, bind_view, torch_dtype
+from ._tensors import ReadOnlyTensor, torch_dtype, weight_view
 
 __all__ = ["ForwardStats", "PagedCausalLM"]
 
@@ -189,7 +189,7 @@ class PagedCausalLM:
         self.model: Any = prepared.skeleton.model
         self._resident = resident
         self._loop = asyncio.get_running_loop()
-        self._hooks = LayerHooks(pager, prepared.skeleton, self._loop, early=prefetch_depth >= 1)
+        self._hooks = LayerHooks(pager, prepared.skeleton, self._loop, depth=prefetch_depth)
         self.torch_threads = torch_threads if torch_threads is not None else torch.get_num_threads()
         self._executor = ThreadPoolExecutor(
             max_workers=max_concurrent_forwards,
@@ -507,8 +507,9 @@ def _check_layer_fits(pager: Pager, skeleton: Skeleton) -> None:
 
 def _bind_resident(skeleton: Skeleton, group: LeaseGroup) -> None:
     for name, lease in group.items():
-        t: torch.Tensor = bind_view(lease.array)
         convert = skeleton.convert[name]
-        t = t.to(convert) if convert is not None else t.as_subclass(ReadOnlyTensor)
+        t = weight_view(lease.array, convert)
+        if convert is None:  # the pager's memory, bound for the LM's lifetime: guarded
+            t = t.as_subclass(ReadOnlyTensor)
         for slot in skeleton.slots[name]:
             slot.table[slot.attr] = t

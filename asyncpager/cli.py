@@ -637,6 +637,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    # what needs no torch first: a missing or malformed checkpoint, a bad budget
+    index = read_index(args.model)
+    budget = args.budget.strip()
+    try:
+        args.budget_bytes = (
+            int(index.nbytes * float(budget[:-1]) / 100)
+            if budget.endswith("%")
+            else parse_size(budget)
+        )
+    except ValueError as exc:
+        raise UsageError(f"bad --budget {budget!r}: {exc}") from None
     try:
         from .torch._cli import CliModelError, run_generate
     except ImportError as exc:
@@ -647,10 +658,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return run_generate(args, _run)
     except CliModelError as exc:
         raise UnsuitableModel(str(exc)) from None
-    except ValueError as exc:
-        if isinstance(exc, FormatError):
-            raise
-        raise UsageError(str(exc)) from None
 
 
 def _add_generate(sub: Any) -> None:

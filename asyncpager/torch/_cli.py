@@ -10,12 +10,11 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from time import perf_counter
 from typing import Any, TextIO
 
 from .._report import format_duration
-from .._sizes import format_size, parse_size
+from .._sizes import format_size
 from ._lm import ForwardStats, PagedCausalLM
 from ._skeleton import CheckpointMismatch
 
@@ -40,22 +39,9 @@ class GenerateReport:
     torch_threads: int
 
 
-def budget_bytes(text: str, model: Path) -> int:
-    """A size (``300MiB``) or a share of the checkpoint's bytes (``50%``)."""
-    text = text.strip()
-    if text.endswith("%"):
-        from .._formats import read_index
-
-        share = float(text[:-1]) / 100
-        if not share > 0:
-            raise ValueError(f"bad budget {text!r}: the share must be above 0%")
-        return int(read_index(model).nbytes * share)
-    return parse_size(text)
-
-
 async def generate_streaming(args: argparse.Namespace, out: TextIO) -> GenerateReport:
     """Open the model, stream the text of ``args.prompt`` to ``out`` as it is made."""
-    budget = budget_bytes(args.budget, Path(args.model))
+    budget: int = args.budget_bytes
     async with PagedCausalLM.open(
         args.model,
         budget_bytes=budget,

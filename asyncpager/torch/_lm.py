@@ -36,7 +36,7 @@ from .._sizes import parse_size
 from ._decode import DecodeLoop, as_ids, eos_ids
 from ._layers import ForwardCancelled, ForwardRun, LayerHooks
 from ._skeleton import Skeleton, build_skeleton, load_config
-from ._tensors import ReadOnlyTensor, bind_view, torch_dtype
+from ._tensors import ReadOnlyTensor, torch_dtype, weight_view
 
 __all__ = ["ForwardStats", "PagedCausalLM"]
 
@@ -93,7 +93,7 @@ def _stored_float_dtype(index: Any) -> torch.dtype:
 class _Prepared:
     """What opening builds off the loop (index, config, skeleton, tokenizer)."""
 
-    def __init__(self, path: Path, dtype: str | torch.dtype | None) -> None:
+    def __init__(self, path: Path, dtype: str | torch.dtype | None, tokenizer: bool) -> None:
         self.index = read_index(path)
         if self.index.format != "safetensors":
             raise FormatError(
@@ -105,7 +105,7 @@ class _Prepared:
         self.config = load_config(path)
         self.dtype = _resolve_dtype(dtype, self.config, _stored_float_dtype(self.index))
         self.skeleton: Skeleton = build_skeleton(path, self.config, self.index, self.dtype)
-        self.tokenizer = _load_tokenizer(path)
+        self.tokenizer = _load_tokenizer(path) if tokenizer else None
         self.generation_config = _load_generation_config(path, self.config)
 
 
@@ -189,7 +189,7 @@ class PagedCausalLM:
         self.model: Any = prepared.skeleton.model
         self._resident = resident
         self._loop = asyncio.get_running_loop()
-        self._hooks = LayerHooks(pager, prepared.skeleton, self._loop, early=prefetch_depth >= 1)
+        self._hooks = LayerHooks(pager, prepared.skeleton, self._loop, depth=prefetch_depth)
         self.torch_threads = torch_threads if torch_threads is not None else torch.get_num_threads()
         self._executor = ThreadPoolExecutor(
             max_workers=max_concurrent_forwards,
@@ -215,6 +215,7 @@ class PagedCausalLM:
         torch_threads: int | None = None,
         max_concurrent_forwards: int = 2,
         direct_io: bool = False,
+        tokenizer: bool = True,
         **pager_options: Any,
     ) -> _OpenContext:
         """Open a Hugging Face checkpoint directory (``config.json`` and
@@ -224,7 +225,8 @@ class PagedCausalLM:
 
         ``dtype`` is the model's compute dtype (default: the config's, else the
         checkpoint's); tensors stored in another floating dtype are converted (a copy)
-        each time they are bound. ``direct_io`` and ``pager_options`` go to
+        each time they are bound. ``tokenizer=False`` skips loading the tokenizer
+        (``lm.tokenizer`` is then None). ``direct_io`` and ``pager_options`` go to
         :func:`asyncpager.open`.
 
         Raises:
@@ -246,6 +248,7 @@ class PagedCausalLM:
                 torch_threads=torch_threads,
                 max_concurrent_forwards=max_concurrent_forwards,
                 direct_io=direct_io,
+                tokenizer=tokenizer,
                 pager_options=pager_options,
             )
         )
@@ -262,11 +265,12 @@ class PagedCausalLM:
         torch_threads: int | None,
         max_concurrent_forwards: int,
         direct_io: bool,
+        tokenizer: bool,
         pager_options: dict[str, Any],
     ) -> PagedCausalLM:
         if max_concurrent_forwards < 1:
             raise ValueError(f"max_concurrent_forwards must be >= 1, not {max_concurrent_forwards}")
-        prepared = await asyncio.to_thread(_Prepared, path, dtype)
+        prepared = await asyncio.to_thread(_Prepared, path, dtype, tokenizer)
         skeleton = prepared.skeleton
         pager = open_pager(
             path,
@@ -411,10 +415,13 @@ class PagedCausalLM:
 
     # ------------------------------------------------------------------ generation
 
-    def _stop_ids(self, stop: Iterable[int] | None) -> frozenset[int]:
-        if stop is not None:
-            return frozenset(int(s) for s in stop)
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """The checkpoint's end-of-sequence token ids (the default ``stop``)."""
         return eos_ids(self.generation_config, self.config)
+
+    def _stop_ids(self, stop: Iterable[int] | None) -> frozenset[int]:
+        return self.eos_ids if stop is None else frozenset(int(s) for s in stop)
 
     async def logits(self, input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """The logits of every position of ``input_ids`` (one sequence), shape
@@ -500,8 +507,9 @@ def _check_layer_fits(pager: Pager, skeleton: Skeleton) -> None:
 
 def _bind_resident(skeleton: Skeleton, group: LeaseGroup) -> None:
     for name, lease in group.items():
-        t: torch.Tensor = bind_view(lease.array)
         convert = skeleton.convert[name]
-        t = t.to(convert) if convert is not None else t.as_subclass(ReadOnlyTensor)
+        t = weight_view(lease.array, convert)
+        if convert is None:  # the pager's memory, bound for the LM's lifetime: guarded
+            t = t.as_subclass(ReadOnlyTensor)
         for slot in skeleton.slots[name]:
             slot.table[slot.attr] = t

@@ -84,18 +84,11 @@ class ServeConfig:
 
 
 def _eos_ids(lm: Any) -> frozenset[int]:
-    ids: set[int] = set()
-    sources = [
-        getattr(getattr(lm, "model", None), "generation_config", None),
-        lm.config,
-        lm.tokenizer,
-    ]
-    for source in sources:
-        value = getattr(source, "eos_token_id", None)
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list | tuple):
-            ids.update(v for v in value if isinstance(v, int))
+    """The checkpoint's end-of-sequence ids (``lm.eos_ids``: generation config and
+    config) and the tokenizer's."""
+    ids = set(lm.eos_ids)
+    if isinstance(lm.tokenizer.eos_token_id, int):
+        ids.add(lm.tokenizer.eos_token_id)
     return frozenset(ids)
 
 

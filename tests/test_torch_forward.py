@@ -69,7 +69,9 @@ async def test_batched_forward_with_mask_positions_and_cache(
         torch.testing.assert_close(out.logits[valid], ref.logits[valid], rtol=0, atol=1e-5)
         assert_no_leases(lm)
         tokens = out.logits[:, -1].argmax(-1).tolist()
-        out2 = await lm.forward(**step_kwargs(ours, tokens))
+        step = step_kwargs(ours, tokens)
+        step["past_key_values"] = step.pop("cache", step.get("past_key_values"))  # old name
+        out2 = await lm.forward(**step)
         with torch.inference_mode():
             ref2 = tiny.model(**step_kwargs(theirs, tokens))
         torch.testing.assert_close(out2.logits, ref2.logits, rtol=0, atol=1e-5)

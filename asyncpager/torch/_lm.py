@@ -16,6 +16,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 from collections.abc import AsyncIterator, Generator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -197,6 +198,7 @@ class PagedCausalLM:
             initializer=torch.set_num_threads,
             initargs=(self.torch_threads,),
         )
+        self._renamed_cache = "cache" in inspect.signature(self.model.forward).parameters
         self._closed = False
         self._runs: set[ForwardRun] = set()
         self._reset_stats()
@@ -364,6 +366,8 @@ class PagedCausalLM:
         thread, with each decoder layer's weights acquired just before it runs and
         released just after. Any batch size and any forward arguments
         (``input_ids``, ``attention_mask``, ``past_key_values``, ``position_ids``, ...).
+        ``past_key_values`` is passed as ``cache`` to a model whose forward takes
+        ``cache`` (transformers 5.x renamed it and warns about the old name).
 
         Cancellation stops the forward at its next layer boundary and returns only
         once the worker has let go of every lease it took.
@@ -374,6 +378,8 @@ class PagedCausalLM:
         """
         if self._closed:
             raise PagerClosed("the PagedCausalLM is closed")
+        if self._renamed_cache and "past_key_values" in model_kwargs:
+            model_kwargs["cache"] = model_kwargs.pop("past_key_values")
         run = ForwardRun()
         self._runs.add(run)
         fut = self._loop.run_in_executor(self._executor, self._work, run, model_kwargs)

@@ -33,6 +33,7 @@ from ._errors import BudgetExceeded, PagerClosed, TensorNotFound
 from ._flight import _MAX_GAP, FlightMixin, LoadFlight
 from ._lease import AcquireContext, Lease, LeaseGroup
 from ._pool import PAGE, BufferPool, block_capacity
+from ._rows import RowsEntry, RowsMixin
 from ._schedule import NEVER, Schedule
 from ._sources import Source
 from ._stats import LatencyHistogram, PagerStats
@@ -62,7 +63,7 @@ class _Ticket:
 
 
 @final
-class Pager(FlightMixin):
+class Pager(RowsMixin, FlightMixin):
     """Pages tensors of ``source`` into RAM under a strict ``budget_bytes``.
 
     Args:
@@ -136,6 +137,8 @@ class Pager(FlightMixin):
         self._scratch = np.empty(_MAX_GAP, np.uint8)
         self._resident_bytes = 0
         self._inflight_bytes = 0
+        self._row_bytes = 0  # gathered row blocks held by leases (_rows.py)
+        self._gathers: dict[object, RowsEntry] = {}
         self._pinned_reserve = 0
         self._pinned_total = 0
         self._resident_count = 0
@@ -489,6 +492,7 @@ class Pager(FlightMixin):
             self._budget
             - self._resident_bytes
             - self._inflight_bytes
+            - self._row_bytes
             - (self._pinned_reserve - own_reserve)
         )
 
@@ -548,6 +552,7 @@ class Pager(FlightMixin):
         self._pinned_reserve -= own_reserve
         self._inflight_bytes += need
         excess = self._resident_bytes + self._inflight_bytes + self._pinned_reserve
+        excess += self._row_bytes
         excess += self._pool.idle_bytes - self._budget
         if excess > 0:
             self._pool.drop(excess)
@@ -626,7 +631,9 @@ class Pager(FlightMixin):
         if e.leases <= 0:
             return
         e.leases -= 1
-        if e.leases == 0 and not e.pinned and e.array is not None:
+        if e.leases == 0 and isinstance(e, RowsEntry):
+            self._drop_rows(e)
+        elif e.leases == 0 and not e.pinned and e.array is not None:
             self._policy.add(e)
             if self._queue and not self._closed:
                 self._pump()

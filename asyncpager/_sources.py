@@ -90,6 +90,18 @@ class Source(abc.ABC):
             await self.read_into(offset, out)
             offset += out.nbytes
 
+    async def read_runs_into(self, runs: Sequence[tuple[int, Sequence[memoryview]]]) -> None:
+        """Several scatter reads at once (``[(offset, outs), ...]``, each as
+        :meth:`readv_into`), e.g. the runs of a row gather. The default reads them in
+        turn; a source with worker threads batches them so that many small reads
+        cost one thread hop per worker, not one per read.
+
+        Raises:
+            SourceError: a read failed or hit the end of the source.
+        """
+        for offset, outs in runs:
+            await self.readv_into(offset, outs)
+
     def advise_willneed(self, offset: int, length: int) -> None:  # noqa: B027
         """Hint that ``[offset, offset+length)`` will be read soon. Default: nothing."""
 
@@ -149,6 +161,11 @@ def _preadv_exact(fd: int, outs: Sequence[memoryview], offset: int, eof_ok_at: i
             pending.pop(0)
         if got:
             pending[0] = pending[0][got:]
+
+
+def _preadv_pieces(fd: int, pieces: Sequence[tuple[int, list[memoryview]]], eof_ok_at: int) -> None:
+    for offset, outs in pieces:
+        _preadv_exact(fd, outs, offset, eof_ok_at)
 
 
 def split_chunks(
@@ -285,6 +302,44 @@ class FileSource(Source):
         except (OSError, EOFError, ValueError, RuntimeError) as exc:
             raise SourceError(
                 f"{self.path}: read of {total} bytes at offset {offset} failed: {exc}"
+            ) from exc
+
+    async def read_runs_into(self, runs: Sequence[tuple[int, Sequence[memoryview]]]) -> None:
+        if len(runs) == 1:
+            await self.readv_into(*runs[0])
+            return
+        total = 0
+        for offset, outs in runs:
+            length = sum(o.nbytes for o in outs)
+            self._check_range(offset, 0 if self.direct_io_active else length)
+            total += length
+        fd = self._fd
+        if fd < 0:
+            raise SourceError(f"{self.path}: source is closed")
+        executor = self.executor
+        assert executor is not None
+        # Large runs are cut in chunks; the pieces are dealt to the workers in file
+        # order, about total/workers bytes each, one job (one thread hop) per worker.
+        chunk = self._chunk_for(total)
+        pieces = [p for offset, outs in runs for p in split_chunks(offset, outs, chunk)]
+        share = -(-total // self._workers)
+        jobs: list[list[tuple[int, list[memoryview]]]] = [[]]
+        job_bytes = 0
+        for piece in pieces:
+            if job_bytes >= share:
+                jobs.append([])
+                job_bytes = 0
+            jobs[-1].append(piece)
+            job_bytes += sum(b.nbytes for b in piece[1])
+        eof_ok_at = self.size if self.direct_io_active else self.size + 1
+        try:
+            await _run_all(
+                executor, [functools.partial(_preadv_pieces, fd, job, eof_ok_at) for job in jobs]
+            )
+        except (OSError, EOFError, ValueError, RuntimeError) as exc:
+            raise SourceError(
+                f"{self.path}: {len(runs)} reads of {total} bytes from offset "
+                f"{runs[0][0]} failed: {exc}"
             ) from exc
 
     def close(self) -> None:

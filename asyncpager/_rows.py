@@ -1,0 +1,683 @@
+"""Tensors larger than the budget: row gathers (``acquire_rows``) and streamed row
+blocks (``row_blocks``). A row is one index of a tensor's first dimension: for a
+quantized GGUF tensor (``uint8`` rows of whole blocks) that is one row of blocks.
+
+Invariants:
+- A gather is a transient :class:`RowsEntry`, admitted like any load (the pager's
+  queue, ``_check_fits`` and ``_reserve``): its block's capacity is in
+  ``inflight_bytes`` while it is read and in ``row_bytes`` while leased; the release of
+  its last lease gives the block to the pool and the room back at once. It is never
+  resident, never in a policy, never evicted.
+- Reads: the rows asked are sorted and deduplicated; rows closer than ``_MAX_GAP``
+  bytes form one run, read by ONE scatter read straight into the rows' places in the
+  block (gaps into a scratch buffer); all runs of a gather go to the source in one
+  ``read_runs_into`` (one thread hop per worker, not one per row). Duplicates are
+  copied from their first occurrence afterwards.
+- Rows of a resident tensor are copied from it (under a lease taken synchronously
+  when the gather starts), never read.
+- Concurrent gathers of the SAME rows of a tensor (same list, same order) share one
+  read and one block (single flight, then one block leased several times). Gathers
+  that merely overlap read separately: matching sub-ranges would cost more
+  bookkeeping than the page cache's memory copy it saves.
+- Cancellation as in ``_flight.py``: a gather whose waiters all left before its read
+  started is aborted and its room returned; one already reading lands and is freed.
+- ``row_blocks`` holds at most two blocks: the one the caller has and the next one,
+  requested (admitted synchronously) as the caller receives the current one. Leaving
+  the loop (break, exception, cancellation) gives both back synchronously.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from time import perf_counter_ns
+from typing import TYPE_CHECKING, Any, final
+
+import numpy as np
+
+from ._budget import Entry
+from ._errors import BudgetExceeded, PagerClosed
+from ._flight import _MAX_GAP, _OFFLOOP_ALLOC_BYTES, LoadFlight, LoadGroup
+from ._lease import AcquireContext, Lease
+from ._pool import PAGE, BufferPool, block_capacity, view_start
+from ._sources import Source
+from ._tensor import TensorInfo
+
+if TYPE_CHECKING:
+    from ._pager import Pager, _Ticket
+
+__all__ = ["GatherPlan", "RowBlocks", "RowsEntry", "RowsMixin", "plan_gather"]
+
+#: The largest block ``row_blocks`` picks by itself (reads of 8-16 MiB already run
+#: at the machine's ceiling; larger ones only hold memory longer).
+_MAX_AUTO_BLOCK = 16 << 20
+
+
+def _rows_of(info: TensorInfo) -> tuple[int, int]:
+    """(number of rows, bytes per row) of a tensor indexed by its first dimension."""
+    shape = info.shape or ()
+    if not shape:
+        raise ValueError(f"tensor {info.name!r} is a scalar: it has no rows")
+    n = shape[0]
+    return n, (info.nbytes // n if n else math.prod(shape[1:]) * info.dtype.itemsize)
+
+
+def as_row_indices(info: TensorInfo, rows: Any) -> np.ndarray[Any, np.dtype[np.int64]]:
+    """``rows`` as a 1-D int64 array, checked against the tensor's row count.
+
+    Raises:
+        TypeError: ``rows`` are not integers.
+        IndexError: a row is negative or past the last row (naming tensor and row).
+    """
+    arr = np.asarray(rows)
+    if arr.size == 0:
+        return np.empty(0, np.int64)
+    if arr.ndim != 1:
+        arr = arr.reshape(-1)
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"rows of {info.name!r} must be integers, not {arr.dtype}")
+    n, _ = _rows_of(info)
+    idx = arr.astype(np.int64, copy=False)
+    bad = (idx < 0) | (idx >= n)
+    if bad.any():
+        row = int(idx[int(np.argmax(bad))])
+        raise IndexError(f"row {row} is out of range for tensor {info.name!r} ({n} rows)")
+    return idx
+
+
+@dataclass(frozen=True, slots=True)
+class GatherPlan:
+    """How to read ``rows`` of a tensor: pure data, no I/O.
+
+    ``unique`` are the distinct rows sorted, ``slots[k]`` the output position of
+    ``unique[k]`` (its first occurrence); ``runs`` are ``(i, j)`` ranges of ``unique``
+    read by one scatter read each; output position ``dup_dst[m]`` is a copy of
+    ``dup_src[m]``.
+    """
+
+    rows: np.ndarray[Any, np.dtype[np.int64]]
+    row_bytes: int
+    unique: np.ndarray[Any, np.dtype[np.int64]]
+    slots: np.ndarray[Any, np.dtype[np.int64]]
+    runs: list[tuple[int, int]]
+    dup_dst: np.ndarray[Any, np.dtype[np.int64]]
+    dup_src: np.ndarray[Any, np.dtype[np.int64]]
+
+
+def plan_gather(
+    rows: np.ndarray[Any, np.dtype[np.int64]], row_bytes: int, max_gap: int = _MAX_GAP
+) -> GatherPlan:
+    unique, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
+    slots = first.astype(np.int64)
+    dup = np.flatnonzero(slots[inverse] != np.arange(len(rows)))
+    dup_src = slots[inverse[dup]]
+    gap_rows = max_gap // row_bytes if row_bytes else len(rows)
+    breaks = np.flatnonzero(np.diff(unique) - 1 > gap_rows) + 1
+    edges = [0, *breaks.tolist(), len(unique)]
+    runs = [(edges[k], edges[k + 1]) for k in range(len(edges) - 1) if edges[k + 1] > edges[k]]
+    return GatherPlan(rows, row_bytes, unique, slots, runs, dup.astype(np.int64), dup_src)
+
+
+def run_iovecs(
+    plan: GatherPlan, base_offset: int, out: memoryview, scratch: memoryview
+) -> list[tuple[int, list[memoryview]]]:
+    """The scatter reads of a plan: ``(file offset, buffers)`` per run, each buffer a
+    stretch of consecutive rows going to consecutive output rows, or a gap."""
+    rb = plan.row_bytes
+    unique, slots = plan.unique, plan.slots
+    # A new buffer starts where the next row is not the next one in the file or
+    # does not go to the next output slot.
+    new_buf = np.ones(len(unique), bool)
+    if len(unique) > 1:
+        new_buf[1:] = (np.diff(unique) != 1) | (np.diff(slots) != 1)
+    starts = np.flatnonzero(new_buf).tolist()
+    starts.append(len(unique))
+    reads: list[tuple[int, list[memoryview]]] = []
+    s = 0
+    for i, j in plan.runs:
+        bufs: list[memoryview] = []
+        prev_end = int(unique[i])
+        while starts[s] < i:
+            s += 1
+        while starts[s] < j:
+            a, b = starts[s], min(starts[s + 1], j)
+            gap = (int(unique[a]) - prev_end) * rb
+            if gap:
+                bufs.append(scratch[:gap])
+            slot = int(slots[a])
+            bufs.append(out[slot * rb : (slot + b - a) * rb])
+            prev_end = int(unique[b - 1]) + 1
+            s += 1
+        reads.append((base_offset + int(unique[i]) * rb, bufs))
+    return reads
+
+
+class RowsEntry(Entry):
+    """A gathered block of rows of ``base``: a transient entry (see the header)."""
+
+    __slots__ = ("base", "key", "plan", "shift")
+
+    def __init__(self, base: Entry, plan: GatherPlan, charge: int, key: object) -> None:
+        info = base.info
+        n = len(plan.rows)
+        shape = info.shape or ()
+        logical = info.logical_shape or shape
+        super().__init__(
+            TensorInfo(
+                info.name,
+                info.offset,
+                n * plan.row_bytes,
+                info.dtype,
+                (n, *shape[1:]),
+                None,
+                info.file_dtype,
+                (n, *logical[1:]),
+            ),
+            charge,
+        )
+        self.base = base
+        self.plan = plan
+        self.key = key
+        self.shift = 0
+
+
+def _copy_rows(dest: np.ndarray[Any, Any], src: np.ndarray[Any, Any], plan: GatherPlan) -> None:
+    np.take(src, plan.rows, axis=0, out=dest)
+
+
+def _as_rows2d(array: np.ndarray[Any, Any], n: int) -> np.ndarray[Any, Any]:
+    return array.reshape(-1).view(np.uint8).reshape(n, -1)
+
+
+class RowsMixin:
+    """The row half of :class:`~asyncpager.Pager` (its state lives on the pager)."""
+
+    if TYPE_CHECKING:
+        _closed: bool
+        _budget: int
+        _align: int
+        _row_bytes: int
+        _gathers: dict[object, RowsEntry]
+        _pinned_total: int
+        _queue: Any
+        _tasks: set[asyncio.Task[None]]
+        _demand_reads: int
+        _inflight_bytes: int
+        _loads: int
+        _bytes_read: int
+        _read_calls: int
+        _scratch: np.ndarray[Any, Any]
+        _pool: BufferPool
+        _source: Source
+        _loop: asyncio.AbstractEventLoop | None
+        _loop_thread: int
+
+        def _entry(self, name: str) -> Entry: ...
+        async def _acquire_entries(
+            self, entries: Sequence[Entry], timeout: float | None, t0: int
+        ) -> Any: ...
+        def _free_bytes(self, own_reserve: int = 0) -> int: ...
+        def _lease_entry(self, e: Entry) -> None: ...
+        def _release_entry(self, e: Entry) -> None: ...
+        def _pump(self) -> None: ...
+        def _wake_prefetch(self) -> None: ...
+        def _admit(self, ticket: _Ticket) -> bool: ...
+        def _abandon(self, ticket: _Ticket) -> None: ...
+        def _check_fits(self, entries: Sequence[Entry]) -> None: ...
+        def _finish_failed(self, flights: list[LoadFlight], exc: BaseException) -> None: ...
+        async def _allocate_blocks(self, flights: list[LoadFlight]) -> None: ...
+        def _task_done(self, task: asyncio.Task[None]) -> None: ...
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of gathered row blocks held by leases (``acquire_rows``,
+        ``row_blocks``), counted against the budget."""
+        return self._row_bytes
+
+    def acquire_rows(
+        self, name: str, rows: Sequence[int] | np.ndarray[Any, Any], timeout: float | None = None
+    ) -> AcquireContext[Lease]:
+        """Lease rows of tensor ``name`` (indexes of its first dimension, in the order
+        asked, repeats allowed) as one array of shape ``(len(rows), *row_shape)``: a
+        copy in one pooled block charged to the budget while leased. Rows are read
+        straight from the source (one scatter read per run of nearby rows), or copied
+        from the tensor when it is resident. Await it or use it as ``async with``.
+
+        Cancelling the call gives its room back (a read already started lands and is
+        freed). Identical concurrent gathers share one read and one block.
+
+        Raises:
+            TensorNotFound: no such tensor.
+            IndexError: a row is out of range (the message names tensor and row).
+            TypeError: ``rows`` are not integers.
+            BudgetExceeded: the rows can never fit the budget.
+            SourceError: the read failed.
+            TimeoutError: ``timeout`` elapsed first.
+            PagerClosed: the pager is or was closed meanwhile.
+        """
+        return AcquireContext(self._acquire_rows(name, rows, timeout))
+
+    async def _acquire_rows(self, name: str, rows: Any, timeout: float | None) -> Lease:
+        t0 = perf_counter_ns()
+        entry = self._gather_entry(self._entry(name), as_row_indices(self._entry(name).info, rows))
+        if self._closed:
+            raise PagerClosed("the pager is closed")
+        if entry.array is not None and entry.charge == 0:
+            entry.leases += 1  # nothing to read or hold: an empty gather
+            return Lease(self, entry)  # type: ignore[arg-type]
+        group = await self._acquire_entries((entry,), timeout, t0)
+        lease: Lease = group[entry.name]
+        return lease
+
+    def _gather_entry(
+        self, base: Entry, idx: np.ndarray[Any, np.dtype[np.int64]], share: bool = True
+    ) -> RowsEntry:
+        """The entry to lease for rows ``idx`` of ``base``: a live identical gather
+        (shared), or a new one."""
+        key = (base.name, idx.tobytes()) if share else object()
+        live = self._gathers.get(key)
+        if live is not None and (live.array is not None or live.flight is not None):
+            return live
+        _, rb = _rows_of(base.info)
+        plan = plan_gather(idx, rb)
+        nbytes = len(idx) * rb
+        first = base.info.offset + int(plan.unique[0]) * rb if len(idx) else base.info.offset
+        if self._align > 1:
+            # O_DIRECT: each run's aligned superset is read into a staging area at
+            # the block's start, then the rows are copied behind it.
+            a = self._align
+            staging = sum(
+                _round_up(base.info.offset + (int(plan.unique[j - 1]) + 1) * rb, a)
+                - _round_down(base.info.offset + int(plan.unique[i]) * rb, a)
+                for i, j in plan.runs
+            )
+            charge = staging + _round_up(max(nbytes, 1), a) if nbytes else 0
+        else:
+            charge = block_capacity(first, nbytes)
+        entry = RowsEntry(base, plan, charge, key)
+        if nbytes == 0:
+            entry.array = np.empty(entry.info.shape or (0,), entry.info.dtype)
+            entry.array.flags.writeable = False
+            return entry
+        if share:
+            self._gathers[key] = entry
+        return entry
+
+    # ------------------------------------------------------------------ loading
+
+    def _start_loads(
+        self,
+        missing: Sequence[Entry],
+        blocks: Sequence[np.ndarray[Any, Any] | None],
+        prefetch: bool,
+    ) -> None:
+        rest: list[tuple[Entry, np.ndarray[Any, Any] | None]] = []
+        loop = asyncio.get_running_loop()
+        for e, block in zip(missing, blocks, strict=True):
+            if not isinstance(e, RowsEntry):
+                rest.append((e, block))
+                continue
+            group = LoadGroup(prefetch)
+            flight = LoadFlight(e, loop.create_future(), group)
+            flight.block = block
+            group.flights.append(flight)
+            e.flight = flight
+            task = loop.create_task(self._gather(e, flight), name=f"asyncpager:rows:{e.name}")
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
+            task.add_done_callback(functools.partial(self._gather_ended, flight))
+        if rest:
+            super()._start_loads(  # type: ignore[misc]
+                [e for e, _ in rest], [b for _, b in rest], prefetch
+            )
+
+    def _gather_ended(self, flight: LoadFlight, _task: object = None) -> None:
+        """A gather task that was cancelled before it ran (close) could not fail its
+        flight: do it here, so no waiter hangs."""
+        if not flight.future.done() and not flight.aborted:
+            self._finish_failed([flight], PagerClosed("the pager was closed during the load"))
+            self._forget(flight.entry)
+
+    async def _gather(self, e: RowsEntry, flight: LoadFlight) -> None:
+        if flight.aborted:
+            self._forget(e)
+            return
+        flight.started = True
+        self._demand_reads += 1
+        try:
+            try:
+                await self._allocate_blocks([flight])
+                array = await self._fill_rows(e, flight)
+            finally:
+                self._demand_reads -= 1
+                if self._demand_reads == 0:
+                    self._wake_prefetch()
+        except asyncio.CancelledError:
+            self._finish_failed([flight], PagerClosed("the pager was closed during the load"))
+            self._forget(e)
+            return
+        except Exception as exc:
+            self._finish_failed([flight], exc)
+            self._forget(e)
+            return
+        self._finish_rows(e, flight, array)
+
+    async def _fill_rows(self, e: RowsEntry, flight: LoadFlight) -> np.ndarray[Any, Any]:
+        block = flight.block
+        assert block is not None
+        plan = e.plan
+        n = len(plan.rows)
+        nbytes = e.info.nbytes
+        if self._align > 1:
+            start = e.charge - _round_up(nbytes, self._align)
+        else:
+            start = view_start(e.info.offset + int(plan.unique[0]) * plan.row_bytes)
+            start = start if block.nbytes >= PAGE else 0
+        flat = block[start : start + nbytes]
+        out2d = flat.reshape(n, plan.row_bytes)
+        base = e.base
+        if base.array is not None:
+            # Resident: copy the rows from it, holding it meanwhile.
+            self._lease_entry(base)
+            try:
+                src = _as_rows2d(base.array, len(base.array))
+                await self._maybe_off_loop(nbytes, _copy_rows, out2d, src, plan)
+            finally:
+                self._release_entry(base)
+        else:
+            await self._read_rows(e, block, out2d)
+            if len(plan.dup_dst):
+                out2d[plan.dup_dst] = out2d[plan.dup_src]
+        array: np.ndarray[Any, Any] = flat.view(e.info.dtype).reshape(e.info.shape or (-1,))
+        array.flags.writeable = False
+        return array
+
+    async def _read_rows(
+        self, e: RowsEntry, block: np.ndarray[Any, Any], out2d: np.ndarray[Any, Any]
+    ) -> None:
+        plan = e.plan
+        rb = plan.row_bytes
+        base_off = e.base.info.offset
+        if self._align > 1:
+            a = self._align
+            reads = []
+            staged: list[tuple[int, int, int, int]] = []  # (i, j, stage pos, lead bytes)
+            pos = 0
+            for i, j in plan.runs:
+                lo = base_off + int(plan.unique[i]) * rb
+                hi = base_off + (int(plan.unique[j - 1]) + 1) * rb
+                alo, ahi = _round_down(lo, a), _round_up(hi, a)
+                reads.append((alo, [block.data[pos : pos + ahi - alo]]))
+                staged.append((i, j, pos, lo - alo))
+                pos += ahi - alo
+            await self._source.read_runs_into(reads)
+            for i, j, pos, lead in staged:
+                first = int(plan.unique[i])
+                span = (int(plan.unique[j - 1]) - first + 1) * rb
+                region = block[pos + lead : pos + lead + span].reshape(-1, rb)
+                out2d[plan.slots[i:j]] = region[plan.unique[i:j] - first]
+            total = pos
+            n_reads = len(reads)
+        else:
+            scratch = self._scratch.data
+            reads = run_iovecs(plan, base_off, out2d.reshape(-1).data, scratch)
+            await self._source.read_runs_into(reads)
+            total = sum(b.nbytes for _, bufs in reads for b in bufs)
+            n_reads = len(reads)
+        self._bytes_read += total
+        self._read_calls += n_reads
+
+    async def _maybe_off_loop(self, nbytes: int, fn: Any, *args: Any) -> None:
+        executor = self._source.executor
+        if executor is not None and nbytes >= _OFFLOOP_ALLOC_BYTES:
+            await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+        else:
+            fn(*args)
+
+    def _finish_rows(self, e: RowsEntry, flight: LoadFlight, array: np.ndarray[Any, Any]) -> None:
+        if e.flight is flight:
+            e.flight = None
+        self._inflight_bytes -= e.charge
+        block, flight.block = flight.block, None
+        self._loads += 1
+        if flight.pending == 0:  # every waiter left: nobody will release it
+            if block is not None and not self._closed:
+                self._pool.give(block)
+            self._forget(e)
+        else:
+            e.array = array
+            e.block = block
+            e.leases += flight.pending
+            self._row_bytes += e.charge
+        if not flight.future.done():
+            flight.future.set_result(None)
+        if self._queue and not self._closed:
+            self._pump()
+
+    def _drop_rows(self, e: RowsEntry) -> None:
+        """The last lease on a gathered block ended: free it (loop thread only)."""
+        if e.array is None:
+            return
+        if e.charge:
+            self._row_bytes -= e.charge
+            if e.block is not None and not self._closed:
+                self._pool.give(e.block)
+        e.array = e.block = None
+        self._forget(e)
+        if self._queue and not self._closed:
+            self._pump()
+
+    def _forget(self, e: Entry) -> None:
+        if isinstance(e, RowsEntry) and self._gathers.get(e.key) is e:
+            del self._gathers[e.key]
+
+    # ------------------------------------------------------------------ row blocks
+
+    def row_blocks(self, name: str, rows_per_block: int | None = None) -> RowBlocks:
+        """Lease consecutive blocks of rows of tensor ``name`` covering it whole, in
+        order: an async iterator of :class:`Lease` (each ``array`` of shape
+        ``(rows, *row_shape)``; the last block may be shorter). The next block is
+        requested as each block is handed out, so it loads while the caller
+        computes; the previous one is released when the next is taken. At most two
+        blocks are held. ``rows_per_block`` defaults to what fits half of the
+        budget's free room (at least an eighth of the unpinned budget, at most
+        16 MiB a block). Blocks of a resident tensor are views of it (no copy).
+
+        Leaving the loop early (``break``, an exception, cancellation) releases both
+        blocks at once; so does :meth:`RowBlocks.aclose`.
+
+        Raises:
+            TensorNotFound: no such tensor.
+            ValueError: ``rows_per_block < 1``, or a scalar tensor.
+            BudgetExceeded: two blocks of one row each cannot fit the budget.
+            As :meth:`acquire_rows` while iterating.
+        """
+        base = self._entry(name)
+        n, rb = _rows_of(base.info)
+        if rows_per_block is None:
+            rows_per_block = self._default_block_rows(rb)
+        elif rows_per_block < 1:
+            raise ValueError(f"rows_per_block must be >= 1, not {rows_per_block}")
+        return RowBlocks(self, base, n, max(1, min(rows_per_block, n)))  # type: ignore[arg-type]
+
+    def _default_block_rows(self, row_bytes: int) -> int:
+        unpinned = self._budget - self._pinned_total
+        room = max(self._free_bytes(), unpinned // 8) // 2 - 2 * PAGE
+        rows = min(room, _MAX_AUTO_BLOCK) // max(1, row_bytes)
+        if rows < 1:
+            if 2 * block_capacity(0, row_bytes) > unpinned:
+                raise BudgetExceeded(
+                    f"two rows of {row_bytes} bytes do not fit the budget of {self._budget} "
+                    f"bytes with {self._pinned_total} reserved for pinned tensors"
+                )
+            rows = 1
+        return rows
+
+    def _on_loop_thread(self) -> bool:
+        return self._loop is None or threading.get_ident() == self._loop_thread
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def _round_down(n: int, k: int) -> int:
+    return n - n % k
+
+
+class _Request:
+    """One requested block of ``row_blocks``: admitted (or queued for room)
+    synchronously when requested, awaited when the caller takes it."""
+
+    __slots__ = ("entry", "lease", "pager", "ticket")
+
+    def __init__(self, pager: Pager, base: Entry, start: int, stop: int) -> None:
+        from ._pager import _Ticket
+
+        self.pager = pager
+        self.lease: Lease | None = None
+        self.ticket: _Ticket | None = None
+        if base.array is not None:  # resident: a view of it, no copy
+            pager._lease_entry(base)
+            pager._hits += 1
+            self.entry = base
+            self.lease = Lease(pager, base)
+            self.lease.array = self.lease.array[start:stop]
+            return
+        entry = pager._gather_entry(base, np.arange(start, stop, dtype=np.int64), share=False)
+        self.entry = entry
+        pager._check_fits((entry,))
+        ticket = _Ticket((entry,))
+        self.ticket = ticket
+        if not pager._admit(ticket):
+            pager._budget_waits += 1
+            ticket.future = asyncio.get_running_loop().create_future()
+            pager._queue.append(ticket)
+
+    async def wait(self) -> Lease:
+        if self.lease is not None:
+            return self.lease
+        ticket = self.ticket
+        assert ticket is not None
+        t0 = perf_counter_ns()
+        try:
+            await self.pager._wait_granted(ticket, ticket.future is not None)
+        except BaseException:
+            self.discard()
+            raise
+        from ._pager import _DONE
+
+        ticket.state = _DONE
+        pager = self.pager
+        pager._misses += ticket.n_miss
+        pager._coalesced += ticket.n_joined
+        pager._hits += ticket.n_hit
+        if ticket.n_miss or ticket.n_joined or ticket.future is not None:
+            pager._stall_ns += perf_counter_ns() - t0
+        self.lease = Lease(pager, self.entry)
+        self.ticket = None
+        return self.lease
+
+    def discard(self) -> None:
+        """Give back what this request holds or reserved, now."""
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            lease.release()
+        ticket, self.ticket = self.ticket, None
+        if ticket is not None:
+            self.pager._abandon(ticket)
+
+
+@final
+class RowBlocks:
+    """What ``row_blocks`` returns: an async iterator of leases over row blocks.
+    See :meth:`Pager.row_blocks`. Also an async context manager (closing on exit)."""
+
+    __slots__ = (
+        "__weakref__",
+        "_base",
+        "_current",
+        "_next",
+        "_next_rows",
+        "_pager",
+        "_rows",
+        "_step",
+    )
+
+    def __init__(self, pager: Pager, base: Entry, n_rows: int, step: int) -> None:
+        self._pager = pager
+        self._base = base
+        self._rows = n_rows
+        self._step = step
+        self._next_rows = 0  # first row of the block to request next
+        self._current: Lease | None = None
+        self._next: _Request | None = None
+
+    @property
+    def rows_per_block(self) -> int:
+        return self._step
+
+    def __aiter__(self) -> RowBlocks:
+        return self
+
+    def _request(self) -> _Request | None:
+        start = self._next_rows
+        if start >= self._rows:
+            return None
+        if self._pager.closed:
+            raise PagerClosed("the pager is closed")
+        stop = min(start + self._step, self._rows)
+        self._next_rows = stop
+        return _Request(self._pager, self._base, start, stop)
+
+    async def __anext__(self) -> Lease:
+        if self._current is not None:
+            self._current.release()
+            self._current = None
+        try:
+            request = self._next if self._next is not None else self._request()
+            self._next = None
+            if request is None:
+                raise StopAsyncIteration
+            lease = await request.wait()
+            self._current = lease
+            self._next = self._request()
+        except BaseException:
+            self._close_now()
+            raise
+        return lease
+
+    def _close_now(self) -> None:
+        current, self._current = self._current, None
+        if current is not None:
+            current.release()
+        request, self._next = self._next, None
+        if request is not None:
+            request.discard()
+        self._next_rows = self._rows
+
+    async def aclose(self) -> None:
+        """Release the block held and the one requested (idempotent)."""
+        self._close_now()
+
+    async def __aenter__(self) -> RowBlocks:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._close_now()
+
+    def __del__(self) -> None:
+        # Leaving ``async for`` early drops the iterator: give everything back.
+        if self._current is None and self._next is None:
+            return
+        pager = self._pager
+        with contextlib.suppress(RuntimeError):
+            if pager._on_loop_thread():
+                self._close_now()
+            elif pager._loop is not None:
+                pager._loop.call_soon_threadsafe(self._close_now)

@@ -34,7 +34,7 @@ async def make_pager() -> AsyncIterator[PagerFactory]:
     async def monitor() -> None:
         while True:
             for p in pagers:
-                if p.resident_bytes + p.inflight_bytes > p.budget_bytes:
+                if p.resident_bytes + p.inflight_bytes + p.row_bytes > p.budget_bytes:
                     violations.append(repr(p))
             await asyncio.sleep(0.0005)
 

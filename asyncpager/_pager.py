@@ -139,6 +139,10 @@ class Pager(RowsMixin, FlightMixin):
         self._inflight_bytes = 0
         self._row_bytes = 0  # gathered row blocks held by leases (_rows.py)
         self._gathers: dict[object, RowsEntry] = {}
+        self._tail: tuple[Entry, int] | None = None  # streamed after the last layer
+        self._tail_request: Any = None  # its first block, prefetched
+        self._tail_stale = False  # a new token started since it was prefetched
+        self._tail_cursor = 0
         self._pinned_reserve = 0
         self._pinned_total = 0
         self._resident_count = 0
@@ -737,6 +741,7 @@ class Pager(RowsMixin, FlightMixin):
             for ahead in self._schedule.upcoming(self._prefetch_depth):
                 if ahead != layer:
                     self._prefetch_entries(self._layers.get(ahead, ()))
+        self._prefetch_tail()
 
     def _prefetch_entries(self, entries: Iterable[Entry]) -> None:
         # dict.fromkeys: a name hinted twice must not get two flights (double charge).
@@ -818,6 +823,7 @@ class Pager(RowsMixin, FlightMixin):
         self._closed = True
         try:
             closed = PagerClosed("the pager was closed")
+            self._drop_tail()
             for ticket in self._queue:
                 ticket.state = _FAILED
                 if ticket.future is not None and not ticket.future.done():

@@ -33,18 +33,20 @@ import contextlib
 import functools
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any, final
 
 import numpy as np
 
-from ._budget import Entry
+from ._budget import Entry, distance_guard
 from ._errors import BudgetExceeded, PagerClosed
+from ._executor import BACKGROUND, io_priority
 from ._flight import _MAX_GAP, _OFFLOOP_ALLOC_BYTES, LoadFlight, LoadGroup
 from ._lease import AcquireContext, Lease
 from ._pool import PAGE, BufferPool, block_capacity, view_start
+from ._schedule import Schedule
 from ._sources import Source
 from ._tensor import TensorInfo
 
@@ -203,6 +205,15 @@ class RowsMixin:
         _align: int
         _row_bytes: int
         _gathers: dict[object, RowsEntry]
+        _tail: tuple[Entry, int] | None
+        _tail_request: _Request | None
+        _tail_stale: bool
+        _tail_cursor: int
+        _schedule: Schedule
+        _current_layer: int | None
+        _prefetch_depth: int
+        _pf_skipped: int
+        _pf_issued: int
         _pinned_total: int
         _queue: Any
         _tasks: set[asyncio.Task[None]]
@@ -232,6 +243,9 @@ class RowsMixin:
         def _finish_failed(self, flights: list[LoadFlight], exc: BaseException) -> None: ...
         async def _allocate_blocks(self, flights: list[LoadFlight]) -> None: ...
         def _task_done(self, task: asyncio.Task[None]) -> None: ...
+        def _reserve(
+            self, missing: Sequence[Entry], allowed: Callable[[Entry], bool] | None
+        ) -> list[np.ndarray[Any, Any] | None] | None: ...
 
     @property
     def row_bytes(self) -> int:
@@ -348,15 +362,20 @@ class RowsMixin:
             self._forget(e)
             return
         flight.started = True
-        self._demand_reads += 1
+        demand = not flight.group.prefetch
+        if demand:
+            self._demand_reads += 1
+        else:
+            io_priority.set(BACKGROUND)  # this task's context only
         try:
             try:
                 await self._allocate_blocks([flight])
                 array = await self._fill_rows(e, flight)
             finally:
-                self._demand_reads -= 1
-                if self._demand_reads == 0:
-                    self._wake_prefetch()
+                if demand:
+                    self._demand_reads -= 1
+                    if self._demand_reads == 0:
+                        self._wake_prefetch()
         except asyncio.CancelledError:
             self._finish_failed([flight], PagerClosed("the pager was closed during the load"))
             self._forget(e)
@@ -503,7 +522,9 @@ class RowsMixin:
             rows_per_block = self._default_block_rows(rb)
         elif rows_per_block < 1:
             raise ValueError(f"rows_per_block must be >= 1, not {rows_per_block}")
-        return RowBlocks(self, base, n, max(1, min(rows_per_block, n)))  # type: ignore[arg-type]
+        blocks = RowBlocks(self, base, n, max(1, min(rows_per_block, n)))  # type: ignore[arg-type]
+        self._note_tail(base, blocks)
+        return blocks
 
     def _default_block_rows(self, row_bytes: int) -> int:
         unpinned = self._budget - self._pinned_total
@@ -517,6 +538,65 @@ class RowsMixin:
                 )
             rows = 1
         return rows
+
+    # ------------------------------------------------------------------ the decode tail
+
+    def _note_tail(self, base: Entry, blocks: RowBlocks) -> None:
+        """Learn the decode step's tail: a tensor streamed in row blocks right after
+        the schedule's last layer (an output head). Adopt its first block if it was
+        prefetched."""
+        sched = self._schedule
+        if self._current_layer is not None and len(sched) and sched.cursor == len(sched) - 1:
+            self._tail = (base, blocks.rows_per_block)
+        request = self._tail_request
+        if request is not None and request.span == (base.name, 0, blocks.rows_per_block):
+            self._tail_request = None
+            blocks._adopt(request)
+
+    def _prefetch_tail(self) -> None:
+        """Called as layers are entered: once the last layer of the schedule is within
+        ``prefetch_depth``, load the tail's first block in the background (only into
+        room that evicts nothing the schedule needs sooner: layer 0 onwards is kept).
+        A prefetched block not taken by the time the next token starts is dropped."""
+        sched = self._schedule
+        if not len(sched) or self._closed:
+            return
+        request = self._tail_request
+        if sched.cursor < self._tail_cursor:  # a new token started
+            self._tail_stale = True
+        self._tail_cursor = sched.cursor
+        if request is not None and self._tail_stale:
+            self._tail_request = None
+            request.discard()
+            request = None
+        tail = self._tail
+        if tail is None or request is not None or not self._prefetch_depth:
+            return
+        if len(sched) - 1 - sched.cursor >= self._prefetch_depth:
+            return
+        base, step = tail
+        if base.array is not None or base.flight is not None:
+            return
+        if self._queue:
+            self._pf_skipped += 1
+            return
+        stop = min(step, _rows_of(base.info)[0])
+        entry = self._gather_entry(base, np.arange(0, stop, dtype=np.int64), share=False)
+        if entry.charge > self._budget - self._pinned_total:
+            return
+        blocks = self._reserve([entry], distance_guard(sched, 1))
+        if blocks is None:
+            self._pf_skipped += 1
+            return
+        self._start_loads([entry], blocks, prefetch=True)
+        self._pf_issued += 1
+        self._tail_request = _Request.prefetched(self, entry, (base.name, 0, stop))  # type: ignore[arg-type]
+        self._tail_stale = False
+
+    def _drop_tail(self) -> None:
+        request, self._tail_request = self._tail_request, None
+        if request is not None:
+            request.discard()
 
     def _on_loop_thread(self) -> bool:
         return self._loop is None or threading.get_ident() == self._loop_thread
@@ -534,7 +614,7 @@ class _Request:
     """One requested block of ``row_blocks``: admitted (or queued for room)
     synchronously when requested, awaited when the caller takes it."""
 
-    __slots__ = ("entry", "lease", "pager", "ticket")
+    __slots__ = ("entry", "lease", "pager", "span", "ticket")
 
     def __init__(self, pager: Pager, base: Entry, start: int, stop: int) -> None:
         from ._pager import _Ticket
@@ -542,6 +622,7 @@ class _Request:
         self.pager = pager
         self.lease: Lease | None = None
         self.ticket: _Ticket | None = None
+        self.span = (base.name, start, stop)
         if base.array is not None:  # resident: a view of it, no copy
             pager._lease_entry(base)
             pager._hits += 1
@@ -582,6 +663,26 @@ class _Request:
         self.lease = Lease(pager, self.entry)
         self.ticket = None
         return self.lease
+
+    @classmethod
+    def prefetched(cls, pager: Pager, entry: RowsEntry, span: tuple[str, int, int]) -> _Request:
+        """A claim on a block whose load the pager started as a prefetch."""
+        from ._pager import _GRANTED, _Ticket
+
+        self = cls.__new__(cls)
+        self.pager = pager
+        self.lease = None
+        self.entry = entry
+        self.span = span
+        ticket = _Ticket((entry,))
+        flight = entry.flight
+        assert flight is not None
+        flight.pending += 1
+        ticket.joined.append(flight)
+        ticket.n_joined = 1
+        ticket.state = _GRANTED
+        self.ticket = ticket
+        return self
 
     def discard(self) -> None:
         """Give back what this request holds or reserved, now."""
@@ -624,6 +725,10 @@ class RowBlocks:
 
     def __aiter__(self) -> RowBlocks:
         return self
+
+    def _adopt(self, request: _Request) -> None:
+        self._next = request
+        self._next_rows = request.span[2]
 
     def _request(self) -> _Request | None:
         start = self._next_rows

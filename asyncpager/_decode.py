@@ -179,7 +179,7 @@ async def run_decode(
             t0 = time.perf_counter()
             async for _ in blocks:
                 waited += time.perf_counter() - t0
-                with pager.span("compute", head=head):
+                with pager.span("compute_head", tensor=head):
                     await compute_for(compute_ms / 1000 / n_blocks)
                 t0 = time.perf_counter()
         return waited

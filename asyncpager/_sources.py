@@ -52,6 +52,8 @@ _IOV_MAX = 1024
 DIRECT_IO_ALIGNMENT = 4096
 #: Reads smaller than this are never split across threads.
 _MIN_SPLIT = 1 << 20
+#: ... unless they are this many separate reads (``read_runs_into``).
+_MIN_SPLIT_RUNS = 32
 
 
 class Source(abc.ABC):
@@ -163,8 +165,19 @@ def _preadv_exact(fd: int, outs: Sequence[memoryview], offset: int, eof_ok_at: i
             pending[0] = pending[0][got:]
 
 
-def _preadv_pieces(fd: int, pieces: Sequence[tuple[int, list[memoryview]]], eof_ok_at: int) -> None:
+def _preadv_pieces(
+    fd: int, pieces: Sequence[tuple[int, Sequence[memoryview]]], eof_ok_at: int
+) -> None:
+    """Blocking: many scatter reads in one job (one thread hop). The common case,
+    a full read, costs one ``preadv`` and one comparison; anything else is redone
+    by :func:`_preadv_exact`."""
+    preadv = os.preadv
     for offset, outs in pieces:
+        if len(outs) == 1:
+            if preadv(fd, outs, offset) == outs[0].nbytes:
+                continue
+        elif len(outs) <= _IOV_MAX and preadv(fd, outs, offset) == sum(o.nbytes for o in outs):
+            continue
         _preadv_exact(fd, outs, offset, eof_ok_at)
 
 
@@ -309,28 +322,38 @@ class FileSource(Source):
             await self.readv_into(*runs[0])
             return
         total = 0
+        direct = self.direct_io_active
         for offset, outs in runs:
-            length = sum(o.nbytes for o in outs)
-            self._check_range(offset, 0 if self.direct_io_active else length)
+            length = outs[0].nbytes if len(outs) == 1 else sum(o.nbytes for o in outs)
+            if offset < 0 or (not direct and offset + length > self.size):
+                self._check_range(offset, length)
             total += length
         fd = self._fd
         if fd < 0:
             raise SourceError(f"{self.path}: source is closed")
         executor = self.executor
         assert executor is not None
-        # Large runs are cut in chunks; the pieces are dealt to the workers in file
-        # order, about total/workers bytes each, one job (one thread hop) per worker.
-        chunk = self._chunk_for(total)
-        pieces = [p for offset, outs in runs for p in split_chunks(offset, outs, chunk)]
-        share = -(-total // self._workers)
-        jobs: list[list[tuple[int, list[memoryview]]]] = [[]]
-        job_bytes = 0
-        for piece in pieces:
-            if job_bytes >= share:
-                jobs.append([])
-                job_bytes = 0
-            jobs[-1].append(piece)
-            job_bytes += sum(b.nbytes for b in piece[1])
+        # Large reads: runs cut in chunks, the pieces dealt to the workers in file
+        # order, about total/workers bytes each: one thread hop per worker. Many
+        # small runs (row gathers: one preadv each, the GIL released during each)
+        # are dealt to the workers by count; a few small ones make one job.
+        jobs: list[Sequence[tuple[int, Sequence[memoryview]]]] = [runs]
+        if total < _MIN_SPLIT and len(runs) >= _MIN_SPLIT_RUNS and self._workers > 1:
+            per = -(-len(runs) // self._workers)
+            jobs = [runs[k : k + per] for k in range(0, len(runs), per)]
+        elif total >= _MIN_SPLIT and self._workers > 1:
+            chunk = self._chunk_for(total)
+            pieces = [p for offset, outs in runs for p in split_chunks(offset, outs, chunk)]
+            share = -(-total // self._workers)
+            split: list[list[tuple[int, Sequence[memoryview]]]] = [[]]
+            job_bytes = 0
+            for piece in pieces:
+                if job_bytes >= share:
+                    split.append([])
+                    job_bytes = 0
+                split[-1].append(piece)
+                job_bytes += sum(b.nbytes for b in piece[1])
+            jobs = list(split)
         eof_ok_at = self.size if self.direct_io_active else self.size + 1
         try:
             await _run_all(

@@ -183,9 +183,9 @@ def run_iovecs(
 class RowsEntry(Entry):
     """A gathered block of rows of ``base``: a transient entry (see the header)."""
 
-    __slots__ = ("base", "key", "plan", "shift")
+    __slots__ = ("base", "key", "plan")
 
-    def __init__(self, base: Entry, plan: GatherPlan, charge: int, key: object) -> None:
+    def __init__(self, base: Entry, plan: GatherPlan, charge: int, key: object | None) -> None:
         info = base.info
         n = len(plan.rows)
         shape = info.shape or ()
@@ -205,8 +205,7 @@ class RowsEntry(Entry):
         )
         self.base = base
         self.plan = plan
-        self.key = key
-        self.shift = 0
+        self.key = key  # None: never shared
 
 
 def _copy_rows(dest: np.ndarray[Any, Any], src: np.ndarray[Any, Any], plan: GatherPlan) -> None:
@@ -314,8 +313,8 @@ class RowsMixin:
     ) -> RowsEntry:
         """The entry to lease for rows ``idx`` of ``base``: a live identical gather
         (shared), or a new one."""
-        key = (base.name, idx.tobytes()) if share else object()
-        live = self._gathers.get(key)
+        key = (base.name, idx.tobytes()) if share else None
+        live = self._gathers.get(key) if key is not None else None
         if live is not None and (live.array is not None or live.flight is not None):
             return live
         _, rb = _rows_of(base.info)
@@ -339,8 +338,6 @@ class RowsMixin:
             entry.array = np.empty(entry.info.shape or (0,), entry.info.dtype)
             entry.array.flags.writeable = False
             return entry
-        if share:
-            self._gathers[key] = entry
         return entry
 
     # ------------------------------------------------------------------ loading
@@ -357,6 +354,8 @@ class RowsMixin:
             if not isinstance(e, RowsEntry):
                 rest.append((e, block))
                 continue
+            if e.key is not None:  # identical gathers join it from now on
+                self._gathers[e.key] = e
             group = LoadGroup(prefetch)
             flight = LoadFlight(e, loop.create_future(), group)
             flight.block = block
@@ -514,7 +513,7 @@ class RowsMixin:
             self._pump()
 
     def _forget(self, e: Entry) -> None:
-        if isinstance(e, RowsEntry) and self._gathers.get(e.key) is e:
+        if isinstance(e, RowsEntry) and e.key is not None and self._gathers.get(e.key) is e:
             del self._gathers[e.key]
 
     # ------------------------------------------------------------------ row blocks

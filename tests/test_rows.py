@@ -234,6 +234,7 @@ async def test_cancelled_gathers_give_everything_back(make_pager: PagerFactory) 
     with pytest.raises(TimeoutError):
         await small.acquire_rows("embed", [0, 1, 2], timeout=0.01)
     assert small.waiting == 0
+    assert not small._gathers
     x.release()
     assert_invariants(small)
     assert small.row_bytes == 0
@@ -289,3 +290,39 @@ async def test_aligned_source_rows(make_pager: PagerFactory) -> None:
         np.testing.assert_array_equal(lease.array, table[rows])
     seen = [b.array.copy() async for b in pager.row_blocks("embed", 700)]
     np.testing.assert_array_equal(np.concatenate(seen), table)
+
+
+async def test_cancelled_at_every_step_leaves_nothing(
+    make_pager: PagerFactory, tmp_path: Path
+) -> None:
+    """Cancel a gather after 0, 1, 2, ... loop iterations (real file, worker
+    threads): whenever it stops, nothing stays held, reserved or registered."""
+    rows_n, row = 2048, 512
+    blob, _ = make_tensors([rows_n * row])
+    path = tmp_path / "rows.bin"
+    path.write_bytes(blob)
+    info = ap.TensorInfo("embed", 0, rows_n * row, "uint8", (rows_n, row))
+    pager = make_pager(ap.FileSource(path), [info], budget_bytes=1 << 20, owns_source=True)
+    rng = np.random.default_rng(2)
+    outcomes = set()
+    for k in range(40):
+        rows = rng.integers(0, rows_n, 64)
+        task = asyncio.create_task(pager.acquire_rows("embed", rows))
+        for _ in range(k):
+            await asyncio.sleep(0)
+        task.cancel()
+        try:
+            lease = await task
+        except asyncio.CancelledError:
+            outcomes.add("cancelled")
+        else:
+            outcomes.add("done")
+            assert lease.array.tobytes() == b"".join(
+                blob[r * row : (r + 1) * row] for r in rows.tolist()
+            )
+            lease.release()
+        await pager.drain()
+        assert (pager.row_bytes, pager.inflight_bytes, pager.waiting) == (0, 0, 0), k
+        assert not pager._gathers
+        assert_invariants(pager)
+    assert "cancelled" in outcomes

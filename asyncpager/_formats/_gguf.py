@@ -12,6 +12,8 @@ Invariants:
   within 1,000 items; a longer one becomes an :class:`ArraySummary` and is
   skipped without building Python objects (fixed-size elements by arithmetic,
   strings by a tight walk over their length prefixes).
+- Every tensor's shape is one numpy can hold, with a zero dimension unable to
+  hide a huge one (``_index.shape_problem``).
 - Every malformed input raises ``FormatError(path, offset, problem)`` where
   ``offset`` is the byte at which the offending field starts.
 """
@@ -37,6 +39,7 @@ from ._index import (
     find_overlap,
     layer_of,
     overlap_problem,
+    shape_problem,
 )
 
 __all__ = ["GGUF_MAGIC", "MAX_ARRAY_ITEMS", "read_gguf"]
@@ -371,6 +374,9 @@ class _GGUFParser:
             n_elements = math.prod(ne)
             if n_elements >= _INT64_LIMIT or (not n_elements and ne and max(ne) >= _INT64_LIMIT):
                 self.fail(dims_at, f"tensor {name!r} dimensions {list(ne)} overflow int64")
+            problem = shape_problem(ne, kind.type_size * 8, kind.block_size)
+            if problem is not None:
+                self.fail(dims_at, f"tensor {name!r} of type {kind.name}: {problem}")
             row = ne[0] if ne else 1
             if row % kind.block_size:
                 self.fail(

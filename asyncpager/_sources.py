@@ -56,8 +56,6 @@ _IOV_MAX = 1024
 DIRECT_IO_ALIGNMENT = 4096
 #: Reads smaller than this are never split across threads.
 _MIN_SPLIT = 1 << 20
-#: ... unless they are this many separate reads (``read_runs_into``).
-_MIN_SPLIT_RUNS = 32
 
 
 class Source(abc.ABC):
@@ -338,14 +336,11 @@ class FileSource(Source):
         executor = self.executor
         assert executor is not None
         # Large reads: runs cut in chunks, the pieces dealt to the workers in file
-        # order, about total/workers bytes each: one thread hop per worker. Many
-        # small runs (row gathers: one preadv each, the GIL released during each)
-        # are dealt to the workers by count; a few small ones make one job.
+        # order, about total/workers bytes each: one thread hop per worker. Small
+        # ones (row gathers: many tiny preadv calls) make one job: dealt to two
+        # threads they ran slower here, the threads contending for the GIL.
         jobs: list[Sequence[tuple[int, Sequence[memoryview]]]] = [runs]
-        if total < _MIN_SPLIT and len(runs) >= _MIN_SPLIT_RUNS and self._workers > 1:
-            per = -(-len(runs) // self._workers)
-            jobs = [runs[k : k + per] for k in range(0, len(runs), per)]
-        elif total >= _MIN_SPLIT and self._workers > 1:
+        if total >= _MIN_SPLIT and self._workers > 1:
             chunk = self._chunk_for(total)
             pieces = [p for offset, outs in runs for p in split_chunks(offset, outs, chunk)]
             share = -(-total // self._workers)

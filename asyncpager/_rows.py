@@ -526,7 +526,8 @@ class RowsMixin:
         computes; the previous one is released when the next is taken. At most two
         blocks are held. ``rows_per_block`` defaults to what fits half of the
         budget's free room (at least an eighth of the unpinned budget, at most
-        16 MiB a block). Blocks of a resident tensor are views of it (no copy).
+        16 MiB a block); for the decode tail (see ``_note_tail``), the block size it
+        was learnt with. Blocks of a resident tensor are views of it (no copy).
 
         Leaving the loop early (``break``, an exception, cancellation) releases both
         blocks at once; so does :meth:`RowBlocks.aclose`.
@@ -539,6 +540,8 @@ class RowsMixin:
         """
         base = self._entry(name)
         n, rb = _rows_of(base.info)
+        if rows_per_block is None and self._tail is not None and self._tail[0] is base:
+            rows_per_block = self._tail[1]  # the decode tail keeps its block size
         if rows_per_block is None:
             rows_per_block = self._default_block_rows(rb)
         elif rows_per_block < 1:

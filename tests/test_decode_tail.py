@@ -105,3 +105,27 @@ async def test_run_decode_gathers_rows_and_streams_the_head(make_pager: PagerFac
     assert result.bytes_read >= 3 * (ROWS * ROW + ROW)
     assert (pager.row_bytes, pager.inflight_bytes) == (0, 0)
     assert np.isfinite(result.tokens_per_s)
+
+
+async def test_the_tail_keeps_its_default_block_size(make_pager: PagerFactory) -> None:
+    """The head's default block size is the one it was learnt with, whatever the free
+    room later, so the prefetched first block always matches."""
+    pager, src = model(make_pager, 1 << 20, prefetch_depth=1, policy="schedule")
+    head_offset = pager.tensors["output.weight"].offset
+    for layer in range(4):
+        async with pager.acquire_layer(layer):
+            pass
+    first = pager.row_blocks("output.weight")
+    step = first.rows_per_block
+    await first.aclose()
+    for _ in range(3):
+        before = src.reads[head_offset]
+        for layer in range(4):
+            async with pager.acquire_layer(layer):
+                pass
+        blocks = pager.row_blocks("output.weight")
+        assert blocks.rows_per_block == step
+        async for _ in blocks:
+            pass
+        assert src.reads[head_offset] == before + 1  # prefetched once, taken
+    assert (pager.row_bytes, pager.inflight_bytes) == (0, 0)

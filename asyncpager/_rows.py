@@ -432,8 +432,10 @@ class RowsMixin:
             await self._read_rows(e, block, out2d)
             if len(plan.dup_dst):
                 out2d[plan.dup_dst] = out2d[plan.dup_src]
-        array: np.ndarray[Any, Any] = flat.view(e.info.dtype).reshape(e.info.shape or (-1,))
-        array.flags.writeable = False
+        # A read-only base: nobody can make the view writable (flags.writeable = True
+        # raises) and change the rows under the other leases of a shared gather.
+        readonly = np.frombuffer(memoryview(flat).toreadonly(), np.uint8)
+        array: np.ndarray[Any, Any] = readonly.view(e.info.dtype).reshape(e.info.shape or (-1,))
         return array
 
     async def _read_rows(

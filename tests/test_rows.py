@@ -65,6 +65,8 @@ async def test_rows_equal_the_files_rows(
             assert lease.array.shape == (len(rows), *(info.shape or ())[1:])
             assert lease.array.dtype == info.dtype
             assert not lease.array.flags.writeable
+            with pytest.raises(ValueError, match="cannot set WRITEABLE"):
+                lease.array.flags.writeable = True
             want = np.asarray(expected[name])[np.asarray(rows)]
             assert lease.array.tobytes() == want.tobytes()
             assert lease.array.tobytes() == np.asarray(ref)[np.asarray(rows)].tobytes()

@@ -145,38 +145,41 @@ def run_iovecs(
         new[1:] = (np.diff(unique) != 1) | (np.diff(slots) != 1)
     starts = np.flatnonzero(new)
     ends = np.append(starts[1:], n)
-    if len(starts) == len(plan.runs):  # one stretch per run (sparse rows): no gaps
-        return [
-            (offset, [out[slot : slot + size]])
-            for offset, slot, size in zip(
-                (base_offset + unique[starts] * rb).tolist(),
-                (slots[starts] * rb).tolist(),
-                ((ends - starts) * rb).tolist(),
-                strict=True,
-            )
-        ]
-    first_of_run = np.zeros(n, bool)
-    first_of_run[[i for i, _ in plan.runs]] = True
+    offsets = base_offset + unique[starts] * rb
+    dest = slots[starts] * rb
+    sizes = (ends - starts) * rb
+    first = np.zeros(n, bool)
+    first[[i for i, _ in plan.runs]] = True
+    first = first[starts]  # per stretch: does it start a run?
+    # Runs of one stretch (the common case for sparse rows): one buffer, no gap.
+    alone = first & np.append(first[1:], True)
+    reads: list[tuple[int, list[memoryview]]] = [
+        (offset, [out[at : at + size]])
+        for offset, at, size in zip(
+            offsets[alone].tolist(), dest[alone].tolist(), sizes[alone].tolist(), strict=True
+        )
+    ]
+    if alone.all():
+        return reads
+    # Runs of several stretches: the gaps between them go to the scratch buffer.
+    rest = np.flatnonzero(~alone)
     gaps = np.zeros(len(starts), np.int64)
-    if len(starts) > 1:
-        gaps[1:] = (unique[starts[1:]] - unique[ends[:-1] - 1] - 1) * rb
-    gaps[first_of_run[starts]] = 0
-    reads: list[tuple[int, list[memoryview]]] = []
+    gaps[1:] = (unique[starts[1:]] - unique[ends[:-1] - 1] - 1) * rb
     bufs: list[memoryview] = []
-    for first, offset, slot, rows, gap in zip(
-        first_of_run[starts].tolist(),
-        (base_offset + unique[starts] * rb).tolist(),
-        (slots[starts] * rb).tolist(),
-        ((ends - starts) * rb).tolist(),
-        gaps.tolist(),
+    for is_first, offset, at, size, gap in zip(
+        first[rest].tolist(),
+        offsets[rest].tolist(),
+        dest[rest].tolist(),
+        sizes[rest].tolist(),
+        gaps[rest].tolist(),
         strict=True,
     ):
-        if first:
+        if is_first:
             bufs = []
             reads.append((offset, bufs))
         elif gap:
             bufs.append(scratch[:gap])
-        bufs.append(out[slot : slot + rows])
+        bufs.append(out[at : at + size])
     return reads
 
 
@@ -434,7 +437,7 @@ class RowsMixin:
                 out2d[plan.dup_dst] = out2d[plan.dup_src]
         # A read-only base: nobody can make the view writable (flags.writeable = True
         # raises) and change the rows under the other leases of a shared gather.
-        readonly = np.frombuffer(memoryview(flat).toreadonly(), np.uint8)
+        readonly = np.frombuffer(flat.data.toreadonly(), np.uint8)
         array: np.ndarray[Any, Any] = readonly.view(e.info.dtype).reshape(e.info.shape or (-1,))
         return array
 

@@ -324,12 +324,17 @@ class FileSource(Source):
             await self.readv_into(*runs[0])
             return
         total = 0
-        direct = self.direct_io_active
+        last = 0  # the end of the farthest run
         for offset, outs in runs:
             length = outs[0].nbytes if len(outs) == 1 else sum(o.nbytes for o in outs)
-            if offset < 0 or (not direct and offset + length > self.size):
+            if offset < 0:
                 self._check_range(offset, length)
             total += length
+            if offset + length > last:
+                last = offset + length
+        if last > self.size and not self.direct_io_active:
+            for offset, outs in runs:
+                self._check_range(offset, sum(o.nbytes for o in outs))
         fd = self._fd
         if fd < 0:
             raise SourceError(f"{self.path}: source is closed")

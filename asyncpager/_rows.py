@@ -119,68 +119,19 @@ class GatherPlan:
 def plan_gather(
     rows: np.ndarray[Any, np.dtype[np.int64]], row_bytes: int, max_gap: int = _MAX_GAP
 ) -> GatherPlan:
-    unique, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
-    slots = first.astype(np.int64)
-    dup = np.flatnonzero(slots[inverse] != np.arange(len(rows)))
-    dup_src = slots[inverse[dup]]
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
+    new = np.ones(len(rows), bool)
+    new[1:] = ordered[1:] != ordered[:-1]
+    unique = ordered[new]
+    slots = order[new]  # stable: each row's first occurrence
+    dup = order[~new]
+    dup_src = slots[np.cumsum(new)[~new] - 1]
     gap_rows = max_gap // row_bytes if row_bytes else len(rows)
     breaks = np.flatnonzero(np.diff(unique) - 1 > gap_rows) + 1
     edges = [0, *breaks.tolist(), len(unique)]
     runs = [(edges[k], edges[k + 1]) for k in range(len(edges) - 1) if edges[k + 1] > edges[k]]
-    return GatherPlan(rows, row_bytes, unique, slots, runs, dup.astype(np.int64), dup_src)
-
-
-def run_iovecs(
-    plan: GatherPlan, base_offset: int, out: memoryview, scratch: memoryview
-) -> list[tuple[int, list[memoryview]]]:
-    """The scatter reads of a plan: ``(file offset, buffers)`` per run, each buffer a
-    stretch of consecutive rows going to consecutive output rows, or a gap."""
-    rb = plan.row_bytes
-    unique, slots = plan.unique, plan.slots
-    n = len(unique)
-    # A stretch (one buffer) starts where the next row is not the next one in the
-    # file or does not go to the next output slot; every run starts a stretch.
-    new = np.ones(n, bool)
-    if n > 1:
-        new[1:] = (np.diff(unique) != 1) | (np.diff(slots) != 1)
-    starts = np.flatnonzero(new)
-    ends = np.append(starts[1:], n)
-    offsets = base_offset + unique[starts] * rb
-    dest = slots[starts] * rb
-    sizes = (ends - starts) * rb
-    first = np.zeros(n, bool)
-    first[[i for i, _ in plan.runs]] = True
-    first = first[starts]  # per stretch: does it start a run?
-    # Runs of one stretch (the common case for sparse rows): one buffer, no gap.
-    alone = first & np.append(first[1:], True)
-    reads: list[tuple[int, list[memoryview]]] = [
-        (offset, [out[at : at + size]])
-        for offset, at, size in zip(
-            offsets[alone].tolist(), dest[alone].tolist(), sizes[alone].tolist(), strict=True
-        )
-    ]
-    if alone.all():
-        return reads
-    # Runs of several stretches: the gaps between them go to the scratch buffer.
-    rest = np.flatnonzero(~alone)
-    gaps = np.zeros(len(starts), np.int64)
-    gaps[1:] = (unique[starts[1:]] - unique[ends[:-1] - 1] - 1) * rb
-    bufs: list[memoryview] = []
-    for is_first, offset, at, size, gap in zip(
-        first[rest].tolist(),
-        offsets[rest].tolist(),
-        dest[rest].tolist(),
-        sizes[rest].tolist(),
-        gaps[rest].tolist(),
-        strict=True,
-    ):
-        if is_first:
-            bufs = []
-            reads.append((offset, bufs))
-        elif gap:
-            bufs.append(scratch[:gap])
-        bufs.append(out[at : at + size])
-    return reads
+    return GatherPlan(rows, row_bytes, unique, slots.astype(np.int64), runs, dup, dup_src)
 
 
 class RowsEntry(Entry):
@@ -468,12 +419,9 @@ class RowsMixin:
             total = pos
             n_reads = len(reads)
         else:
-            scratch = self._scratch.data
-            reads = run_iovecs(plan, base_off, out2d.reshape(-1).data, scratch)
-            await self._source.read_runs_into(reads)
-            runs = np.array(plan.runs, np.int64).reshape(-1, 2)
-            total = int((plan.unique[runs[:, 1] - 1] - plan.unique[runs[:, 0]] + 1).sum()) * rb
-            n_reads = len(reads)
+            total, n_reads = await self._source.read_rows_into(
+                base_off, rb, plan.unique, plan.slots, out2d.reshape(-1).data, _ROW_GAP
+            )
         self._bytes_read += total
         self._read_calls += n_reads
 

@@ -328,3 +328,22 @@ async def test_cancelled_at_every_step_leaves_nothing(
         assert not pager._gathers
         assert_invariants(pager)
     assert "cancelled" in outcomes
+
+
+async def test_large_gathers_from_a_file_share_the_workers(
+    make_pager: PagerFactory, tmp_path: Path
+) -> None:
+    """A gather of several MiB is built and read by both I/O workers (each a share of
+    the rows); the bytes are the file's, in the order asked, repeats included."""
+    rows_n, row = 16384, 520
+    blob, _ = make_tensors([rows_n * row + 100])
+    path = tmp_path / "big.bin"
+    path.write_bytes(blob)
+    info = ap.TensorInfo("embed", 100, rows_n * row, "uint8", (rows_n, row))
+    pager = make_pager(ap.FileSource(path), [info], budget_bytes=16 << 20, owns_source=True)
+    table = np.frombuffer(blob, np.uint8)[100 : 100 + rows_n * row].reshape(rows_n, row)
+    rng = np.random.default_rng(9)
+    for rows in (rng.integers(0, rows_n, 6000), np.arange(rows_n)[::-1], np.arange(0, rows_n, 3)):
+        async with pager.acquire_rows("embed", rows) as lease:
+            np.testing.assert_array_equal(lease.array, table[rows])
+    assert pager.row_bytes == 0

@@ -43,6 +43,7 @@ bench: dev
 	$(BIN)/python scripts/bench_read.py
 	$(BIN)/python scripts/bench_decode.py
 	$(BIN)/python scripts/bench_import.py
+	$(BIN)/python scripts/bench_torch.py
 
 # Long runs, not part of `make test`.
 soak: dev

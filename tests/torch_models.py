@@ -61,6 +61,17 @@ def save_tiny(arch: str, path: Path, *, dtype: Any = None) -> Path:
     return path
 
 
+def save_word_tokenizer(path: Path) -> None:
+    """A word-level tokenizer over the tiny vocabulary (``w0`` ... ``w255``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")
+    fast.save_pretrained(path)
+
+
 @dataclass
 class Reference:
     path: Path

@@ -77,6 +77,7 @@ class ForwardRun:
     __slots__ = (
         "bind_ns",
         "binds",
+        "bound",
         "cancelled",
         "held",
         "requests",
@@ -93,6 +94,7 @@ class ForwardRun:
         self.tasks: set[asyncio.Task[LeaseGroup]] = set()
         self.wait_ns = 0
         self.bind_ns = 0
+        self.bound: int | None = None
         self.binds = 0
 
 
@@ -112,6 +114,8 @@ class LayerHooks:
         self._loop = loop
         self._early = early
         self._local = threading.local()
+        self._bind_lock = threading.Lock()
+        self._bound: dict[int, int] = {}
         order = sorted(skeleton.layer_modules)
         self._next = {n: order[i + 1] for i, n in enumerate(order[:-1])}
         # the next token's first layer, hinted when the last layer starts (see module doc)
@@ -138,7 +142,7 @@ class LayerHooks:
             return call()
         finally:
             self._local.run = None
-            self._unbind_held(run)
+            self._unbind(run)
             leftovers = [r for r in (run.held, *run.requests.values()) if r is not None]
             run.held = None
             run.requests.clear()
@@ -193,6 +197,7 @@ class LayerHooks:
             assert req.group is not None
             t0 = perf_counter_ns()
             self._bind(layer, req.group)
+            run.bound = layer
             run.bind_ns += perf_counter_ns() - t0
             run.binds += 1
 
@@ -201,27 +206,40 @@ class LayerHooks:
     def _post_hook(self, layer: int) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             run = getattr(self._local, "run", None)
-            if run is not None and run.held is not None and run.held.layer == layer:
-                self._unbind(layer)
+            if run is not None and run.bound == layer:
+                self._unbind(run)
 
         return hook
 
+    # A module's parameters are shared by every forward: concurrent forwards in the
+    # same layer share one binding (their leases are on the same resident tensors, so
+    # the bound memory is valid while any of them holds its lease), counted per layer.
+
     def _bind(self, layer: int, group: LeaseGroup) -> None:
-        for ck, slots, convert in self._bindings[layer]:
-            t = bind_view(group[ck].array)
-            if convert is not None:
-                t = t.to(convert)
-            for slot in slots:
-                slot.table[slot.attr] = t
+        with self._bind_lock:
+            count = self._bound.get(layer, 0)
+            self._bound[layer] = count + 1
+            if count:
+                return
+            for ck, slots, convert in self._bindings[layer]:
+                t = bind_view(group[ck].array)
+                if convert is not None:
+                    t = t.to(convert)
+                for slot in slots:
+                    slot.table[slot.attr] = t
 
-    def _unbind(self, layer: int) -> None:
-        for _, slots, _ in self._bindings[layer]:
-            for slot in slots:
-                slot.table[slot.attr] = slot.placeholder
-
-    def _unbind_held(self, run: ForwardRun) -> None:
-        if run.held is not None and run.held.group is not None:
-            self._unbind(run.held.layer)
+    def _unbind(self, run: ForwardRun) -> None:
+        layer, run.bound = run.bound, None
+        if layer is None:
+            return
+        with self._bind_lock:
+            count = self._bound[layer] - 1
+            self._bound[layer] = count
+            if count:
+                return
+            for _, slots, _ in self._bindings[layer]:
+                for slot in slots:
+                    slot.table[slot.attr] = slot.placeholder
 
     def _post(
         self,

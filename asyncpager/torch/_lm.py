@@ -16,7 +16,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 from collections.abc import AsyncIterator, Generator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,16 +27,16 @@ from typing import Any, Literal, Self, final
 
 import torch
 
-from .._errors import FormatError
+from .._errors import FormatError, PagerClosed
 from .._formats import read_index
 from .._lease import LeaseGroup
 from .._open import open as open_pager
 from .._pager import Pager
 from .._pool import block_capacity
 from .._sizes import parse_size
+from ._decode import DecodeLoop, as_ids, eos_ids
 from ._ends import PagedEnds, pageable_ends
 from ._layers import ForwardCancelled, ForwardRun, LayerHooks
-from ._sampling import make_generator, next_token
 from ._skeleton import Skeleton, build_skeleton, load_config
 from ._tensors import ReadOnlyTensor, bind_view, torch_dtype
 
@@ -96,7 +95,7 @@ def _stored_float_dtype(index: Any) -> torch.dtype:
 class _Prepared:
     """What opening builds off the loop (index, config, skeleton, tokenizer)."""
 
-    def __init__(self, path: Path, dtype: str | torch.dtype | None) -> None:
+    def __init__(self, path: Path, dtype: str | torch.dtype | None, tokenizer: bool) -> None:
         self.index = read_index(path)
         if self.index.format != "safetensors":
             raise FormatError(
@@ -108,7 +107,7 @@ class _Prepared:
         self.config = load_config(path)
         self.dtype = _resolve_dtype(dtype, self.config, _stored_float_dtype(self.index))
         self.skeleton: Skeleton = build_skeleton(path, self.config, self.index, self.dtype)
-        self.tokenizer = _load_tokenizer(path)
+        self.tokenizer = _load_tokenizer(path) if tokenizer else None
         self.generation_config = _load_generation_config(path, self.config)
 
 
@@ -204,11 +203,6 @@ class PagedCausalLM:
             initializer=torch.set_num_threads,
             initargs=(self.torch_threads,),
         )
-        params = inspect.signature(self.model.forward).parameters
-        self._logits_to_keep = "logits_to_keep" in params
-        # transformers 5.x renamed past_key_values to cache (the old name warns)
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        self._cache_position = "cache_position" in params
         self._closed = False
         self._runs: set[ForwardRun] = set()
         self._reset_stats()
@@ -228,6 +222,7 @@ class PagedCausalLM:
         max_concurrent_forwards: int = 2,
         direct_io: bool = False,
         pin_embeddings: bool | None = None,
+        tokenizer: bool = True,
         **pager_options: Any,
     ) -> _OpenContext:
         """Open a Hugging Face checkpoint directory (``config.json`` and
@@ -237,7 +232,8 @@ class PagedCausalLM:
 
         ``dtype`` is the model's compute dtype (default: the config's, else the
         checkpoint's); tensors stored in another floating dtype are converted (a copy)
-        each time they are bound. ``direct_io`` and ``pager_options`` go to
+        each time they are bound. ``tokenizer=False`` skips loading the tokenizer
+        (``lm.tokenizer`` is then None). ``direct_io`` and ``pager_options`` go to
         :func:`asyncpager.open`.
 
         Embedding and output-head matrices are pinned when they fit; those that do not
@@ -267,6 +263,7 @@ class PagedCausalLM:
                 max_concurrent_forwards=max_concurrent_forwards,
                 direct_io=direct_io,
                 pin_embeddings=pin_embeddings,
+                tokenizer=tokenizer,
                 pager_options=pager_options,
             )
         )
@@ -284,11 +281,12 @@ class PagedCausalLM:
         max_concurrent_forwards: int,
         direct_io: bool,
         pin_embeddings: bool | None,
+        tokenizer: bool,
         pager_options: dict[str, Any],
     ) -> PagedCausalLM:
         if max_concurrent_forwards < 1:
             raise ValueError(f"max_concurrent_forwards must be >= 1, not {max_concurrent_forwards}")
-        prepared = await asyncio.to_thread(_Prepared, path, dtype)
+        prepared = await asyncio.to_thread(_Prepared, path, dtype, tokenizer)
         skeleton = prepared.skeleton
         paged = _ends_to_page(prepared.index, skeleton, budget_bytes, pin_embeddings)
         pager = open_pager(
@@ -396,8 +394,6 @@ class PagedCausalLM:
             SourceError: a layer could not be read.
         """
         if self._closed:
-            from .._errors import PagerClosed
-
             raise PagerClosed("the PagedCausalLM is closed")
         run = ForwardRun()
         self._runs.add(run)
@@ -428,6 +424,8 @@ class PagedCausalLM:
             with torch.inference_mode():
                 return self._hooks.run_forward(run, lambda: self.model(**model_kwargs))
         except ForwardCancelled:
+            if self._closed:
+                raise PagerClosed("the PagedCausalLM was closed during this forward") from None
             raise asyncio.CancelledError from None
         finally:
             self._n_forwards += 1
@@ -438,15 +436,13 @@ class PagedCausalLM:
 
     # ------------------------------------------------------------------ generation
 
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """The checkpoint's end-of-sequence token ids (the default ``stop``)."""
+        return eos_ids(self.generation_config, self.config)
+
     def _stop_ids(self, stop: Iterable[int] | None) -> frozenset[int]:
-        if stop is not None:
-            return frozenset(int(s) for s in stop)
-        eos = getattr(self.generation_config, "eos_token_id", None)
-        if eos is None:
-            eos = getattr(self.config, "eos_token_id", None)
-        if eos is None:
-            return frozenset()
-        return frozenset([eos] if isinstance(eos, int) else [int(e) for e in eos])
+        return self.eos_ids if stop is None else frozenset(int(s) for s in stop)
 
     async def logits(self, input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """The logits of every position of ``input_ids`` (one sequence), shape
@@ -454,7 +450,7 @@ class PagedCausalLM:
 
         Raises: as :meth:`forward`.
         """
-        ids = _as_ids(input_ids)
+        ids = as_ids(input_ids)
         out = await self.forward(input_ids=ids[None], use_cache=False)
         return out.logits[0]  # type: ignore[no-any-return]
 
@@ -477,30 +473,18 @@ class PagedCausalLM:
         Breaking out of the loop or cancelling leaves the pager holding nothing of
         this call. Raises: as :meth:`forward`.
         """
-        from transformers import DynamicCache
-
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, not {max_new_tokens}")
-        stops = self._stop_ids(stop)
-        gen = make_generator(seed)
-        ids = _as_ids(input_ids)
-        cache = DynamicCache(config=self.config)
-        cur = ids[None]
-        past = 0
-        extra: dict[str, Any] = {self._cache_kwarg: cache, "use_cache": True}
-        if self._logits_to_keep:
-            extra["logits_to_keep"] = 1
-        for _ in range(max_new_tokens):
-            n = cur.shape[1]
-            if self._cache_position:
-                extra["cache_position"] = torch.arange(past, past + n)
-            out = await self.forward(input_ids=cur, **extra)
-            tok = next_token(out.logits[0, -1], temperature, top_p, gen)
-            yield tok
-            if tok in stops:
-                return
-            past += n
-            cur = torch.tensor([[tok]], dtype=torch.long)
+        loop = DecodeLoop(
+            self.model,
+            input_ids,
+            max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stops=self._stop_ids(stop),
+        )
+        for kwargs in loop:
+            out = await self.forward(**kwargs)
+            yield loop.feed(out.logits)
 
     async def generate(
         self,
@@ -525,15 +509,6 @@ class PagedCausalLM:
                 stop=stop,
             )
         ]
-
-
-def _as_ids(input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(list(input_ids))
-    if ids.dim() == 2 and ids.shape[0] == 1:
-        ids = ids[0]
-    if ids.dim() != 1 or ids.numel() == 0:
-        raise ValueError(f"input_ids must be one non-empty sequence, not shape {tuple(ids.shape)}")
-    return ids.to(torch.long)
 
 
 def _ends_to_page(

@@ -109,7 +109,8 @@ def load_config(path: Path) -> Any:
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise FormatError(config_file, exc.pos, f"not valid JSON: {exc.msg}") from None
+        at = len(text[: exc.pos].encode())  # a byte offset, as FormatError promises
+        raise FormatError(config_file, at, f"not valid JSON: {exc.msg}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
         raise FormatError(config_file, 0, "not a transformers config: no 'model_type' string")
     try:

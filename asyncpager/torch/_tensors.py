@@ -131,6 +131,7 @@ class ReadOnlyTensor(torch.Tensor):
 def _touches_read_only(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
     out = kwargs.get("out")
     targets = [*(out if isinstance(out, tuple | list) else (out,)), *args[:1]]
+    targets += [kwargs.get(k) for k in ("tensor", "input", "self")]  # nn.init.*_(tensor=)
     return any(isinstance(t, ReadOnlyTensor) for t in targets)
 
 

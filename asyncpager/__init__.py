@@ -21,7 +21,7 @@ from ._lease import AcquireContext, Lease, LeaseGroup
 from ._open import HotSet, open
 from ._pager import Pager
 from ._request import RequestScope, RequestStats
-from ._rows import RowBlocks
+from ._row_blocks import RowBlocks
 from ._sources import AiofilesSource, FileSource, MemorySource, MmapSource, MultiFileSource, Source
 from ._stats import LatencyHistogram, LatencySummary, PagerStats
 from ._tensor import TensorInfo

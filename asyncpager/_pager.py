@@ -33,6 +33,7 @@ from ._errors import BudgetExceeded, PagerClosed, TensorNotFound
 from ._flight import _MAX_GAP, FlightMixin, LoadFlight
 from ._lease import AcquireContext, Lease, LeaseGroup
 from ._pool import PAGE, BufferPool, block_capacity
+from ._row_blocks import RowBlocksMixin
 from ._rows import RowsEntry, RowsMixin
 from ._schedule import NEVER, Schedule
 from ._sources import Source
@@ -63,7 +64,7 @@ class _Ticket:
 
 
 @final
-class Pager(RowsMixin, FlightMixin):
+class Pager(RowsMixin, RowBlocksMixin, FlightMixin):
     """Pages tensors of ``source`` into RAM under a strict ``budget_bytes``.
 
     Args:

@@ -30,7 +30,7 @@ from ._tensors import bind_view
 if TYPE_CHECKING:
     from .._lease import Lease
     from .._pager import Pager
-    from .._rows import RowBlocks
+    from .._row_blocks import RowBlocks
     from ._skeleton import Skeleton
 
 __all__ = ["PagedEnds", "pageable_ends"]

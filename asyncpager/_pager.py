@@ -313,6 +313,7 @@ class Pager(RowsMixin, RowBlocksMixin, FlightMixin):
             prefetch_errors=self._pf_errors,
             stall_seconds=self._stall_ns / 1e9,
             checksum_failures=self._checksum_failures,
+            row_bytes=self._row_bytes,
             acquire_hit=self._h_hit.summary(),
             acquire_joined=self._h_joined.summary(),
             acquire_miss=self._h_miss.summary(),

@@ -71,6 +71,7 @@ async def test_rows_equal_the_files_rows(
             assert lease.array.tobytes() == want.tobytes()
             assert lease.array.tobytes() == np.asarray(ref)[np.asarray(rows)].tobytes()
             assert pager.row_bytes >= lease.array.nbytes
+            assert pager.stats().row_bytes == pager.row_bytes
             assert_invariants(pager)
         assert pager.row_bytes == 0
         assert pager.inflight_bytes == 0

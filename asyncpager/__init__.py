@@ -10,6 +10,7 @@ for asyncio inference servers.
 from ._errors import (
     BudgetExceeded,
     FormatError,
+    LeaseWarning,
     PagerClosed,
     PagerError,
     SourceError,
@@ -18,10 +19,11 @@ from ._errors import (
 from ._flight import LoadFlight
 from ._formats import ArraySummary, ModelIndex, read_index
 from ._lease import AcquireContext, Lease, LeaseGroup
-from ._open import HotSet, open
+from ._open import HotSet, open, open_async
 from ._pager import Pager
 from ._request import RequestScope, RequestStats
 from ._row_blocks import RowBlocks
+from ._sizes import Size
 from ._sources import AiofilesSource, FileSource, MemorySource, MmapSource, MultiFileSource, Source
 from ._stats import LatencyHistogram, LatencySummary, PagerStats
 from ._tensor import TensorInfo
@@ -38,6 +40,7 @@ __all__ = [
     "LatencySummary",
     "Lease",
     "LeaseGroup",
+    "LeaseWarning",
     "LoadFlight",
     "MemorySource",
     "MmapSource",
@@ -50,11 +53,13 @@ __all__ = [
     "RequestScope",
     "RequestStats",
     "RowBlocks",
+    "Size",
     "Source",
     "SourceError",
     "TensorInfo",
     "TensorNotFound",
     "open",
+    "open_async",
     "read_index",
 ]
 __version__ = "0.1.0"

@@ -168,6 +168,7 @@ class RowsMixin:
 
     if TYPE_CHECKING:
         _closed: bool
+        _debug: bool
         _budget: int
         _align: int
         _row_bytes: int
@@ -331,13 +332,19 @@ class RowsMixin:
                     self._demand_reads -= 1
                     if self._demand_reads == 0:
                         self._wake_prefetch()
-        except asyncio.CancelledError:
-            self._finish_failed([flight], PagerClosed("the pager was closed during the load"))
-            self._forget(e)
-            return
-        except Exception as exc:
+        except BaseException as exc:
+            # As _flight._load: every way a read can end badly ends the gather here;
+            # only close() cancels this task (a CancelledError the source raised by
+            # itself is a failed read like any other).
+            task = asyncio.current_task()
+            if isinstance(exc, asyncio.CancelledError) and (
+                self._closed or (task is not None and task.cancelling() > 0)
+            ):
+                exc = PagerClosed("the pager was closed during the load")
             self._finish_failed([flight], exc)
             self._forget(e)
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
             return
         self._finish_rows(e, flight, array)
 
@@ -440,6 +447,10 @@ class RowsMixin:
         if e.charge:
             self._row_bytes -= e.charge
             if e.block is not None and not self._closed:
+                if self._debug:
+                    from ._pager import _POISON
+
+                    e.block.fill(_POISON)  # a use after release now reads garbage
                 self._pool.give(e.block)
         e.array = e.block = None
         self._forget(e)

@@ -109,23 +109,26 @@ class PagedEnds:
         async def gather(rows: list[int]) -> Lease:
             return await pager.acquire_rows(name, rows)
 
+        def embed(lease: Lease, ids: torch.Tensor, args: Any, kwargs: Any) -> torch.Tensor:
+            # Its own frame: the views of the leased rows die when it returns, before
+            # the lease is released.
+            rows = self._bind(lease, convert)
+            private = copy.copy(module)
+            private._parameters = dict(module._parameters)
+            private._parameters["weight"] = rows  # type: ignore[assignment]
+            private.padding_idx = None  # only gradients use it; rows are renumbered
+            out: torch.Tensor = cls_forward(private, ids, *args, **kwargs)
+            if convert is None and out.untyped_storage().data_ptr() == (
+                rows.untyped_storage().data_ptr()
+            ):
+                out = out.clone()  # never hand out the leased memory itself
+            return out
+
         def forward(input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             unique, inverse = torch.unique(input_ids.reshape(-1), return_inverse=True)
             lease = self._run(gather(unique.tolist()))
             try:
-                rows = self._bind(lease, convert)
-                private = copy.copy(module)
-                private._parameters = dict(module._parameters)
-                private._parameters["weight"] = rows  # type: ignore[assignment]
-                private.padding_idx = None  # only gradients use it; rows are renumbered
-                out: torch.Tensor = cls_forward(
-                    private, inverse.reshape(input_ids.shape), *args, **kwargs
-                )
-                if convert is None and out.untyped_storage().data_ptr() == (
-                    rows.untyped_storage().data_ptr()
-                ):
-                    out = out.clone()  # never hand out the leased memory itself
-                return out
+                return embed(lease, inverse.reshape(input_ids.shape), args, kwargs)
             finally:
                 lease.release()
 
@@ -145,21 +148,25 @@ class PagedEnds:
             except StopAsyncIteration:
                 return None
 
+        def block_logits(lease: Lease, x: torch.Tensor, row: int) -> torch.Tensor:
+            # Its own frame: the view of the leased block dies when it returns, before
+            # the block is released (as the next one is taken).
+            weight = self._bind(lease, convert)
+            bias = module.bias
+            b = bias[row : row + weight.shape[0]] if bias is not None else None
+            return F.linear(x, weight, b)
+
         def forward(x: torch.Tensor) -> torch.Tensor:
             blocks = self._run(start())
             parts: list[torch.Tensor] = []
-            bias = module.bias
             row = 0
             try:
                 while True:
                     lease = self._run(next_block(blocks))
                     if lease is None:
                         break
-                    weight = self._bind(lease, convert)
-                    n = weight.shape[0]
-                    b = bias[row : row + n] if bias is not None else None
-                    parts.append(F.linear(x, weight, b))
-                    row += n
+                    parts.append(block_logits(lease, x, row))
+                    row += len(lease.array)
             finally:
                 self._run(blocks.aclose())
             return torch.cat(parts, dim=-1)

@@ -339,11 +339,16 @@ class PagedCausalLM:
         self._closed = True
         for run in list(self._runs):
             self._hooks.cancel(run)
-        self._resident.release()
         await self.pager.close()
         await asyncio.to_thread(self._executor.shutdown, wait=True)
         self._hooks.remove()
         self._ends.remove()
+        # No forward runs any more: unbind the pinned tensors, then release them (the
+        # modules must not keep the leased arrays alive past their release).
+        for name in self._resident:
+            for slot in self._skeleton.slots[name]:
+                slot.table[slot.attr] = slot.placeholder
+        self._resident.release()
 
     async def __aenter__(self) -> Self:
         return self

@@ -348,3 +348,18 @@ async def test_large_gathers_from_a_file_share_the_workers(
         async with pager.acquire_rows("embed", rows) as lease:
             np.testing.assert_array_equal(lease.array, table[rows])
     assert pager.row_bytes == 0
+
+
+async def test_debug_mode_catches_rows_used_after_release(make_pager: PagerFactory) -> None:
+    """In debug mode (on in the suite) a row lease's array still referenced at its
+    release warns, and the released block is poisoned: reading it shows garbage, not
+    rows that look right."""
+    blob, _ = make_tensors([64 * 64])
+    info = ap.TensorInfo("embed", 0, 64 * 64, "float32", (64, 16))
+    pager = make_pager(ap.MemorySource(blob), [info], budget_bytes=1 << 20)
+    lease = await pager.acquire_rows("embed", [3, 7])
+    kept = lease.array
+    with pytest.warns(ap.LeaseWarning, match="'embed'"):
+        lease.release()
+    assert (kept.view(np.uint8) == 0xA5).all()
+    assert pager.row_bytes == 0

@@ -23,8 +23,8 @@ install: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
 
 lint: dev
-	$(BIN)/ruff check asyncpager tests scripts examples
-	$(BIN)/ruff format --check asyncpager tests scripts examples
+	$(BIN)/ruff check asyncpager tests scripts
+	$(BIN)/ruff format --check asyncpager tests scripts
 
 typecheck: dev
 	$(BIN)/mypy

@@ -7,6 +7,7 @@ the pager on it, see what it does.
     asyncpager demo    [--layers 12] [--layer-mib 8] [--tokens 4] [--compute-ms 4]
     asyncpager generate MODEL_DIR --budget 300MiB --prompt "..." [--max-new-tokens 32]
                        [--compare]   (a Hugging Face checkpoint; needs the torch extra)
+    asyncpager serve   MODEL_DIR --budget 300MiB [--port 8000] ...  (OpenAI-compatible)
 
 Exit codes: 0 done; 1 the model (or another file) is missing, unreadable or malformed;
 2 a bad argument (syntax, a size, a budget too small for a layer); 130 interrupted.
@@ -81,6 +82,13 @@ def _layer_bytes(index: ModelIndex) -> int:
 def _budget_arg(text: str) -> Budget:
     try:
         return parse_budget(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -368,6 +376,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    code = _run(serve(args), args.loop)
+    # Everything is closed by now; the interpreter's own teardown with torch and
+    # transformers loaded took ~2 s here, past the shutdown bound (timeout + 1 s).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _check_writable(path: str) -> None:
     parent = Path(path).resolve().parent
     if not parent.is_dir():
@@ -645,6 +664,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     _add_generate(sub)
+
+    from .serve import add_arguments as add_serve_arguments  # no torch or aiohttp import
+
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible server for a paged model",
+        description="Serve a Hugging Face causal LM, its decoder layers paged under "
+        "the budget, behind /v1/completions, /v1/chat/completions, /v1/models, "
+        "/metrics and /healthz (needs the 'server' extra).",
+    )
+    add_serve_arguments(p, _size_arg, _positive_int, _nonneg_int)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

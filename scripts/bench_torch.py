@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,10 @@ from _benchutil import table
 MiB = 1 << 20
 PROMPT = "The capital of France is"
 CONFIGS = ("full", "accelerate", "paged-p0", "paged-p1", "paged-p2")
+# how the hooks wait for weights, with every layer resident (nothing to read): the
+# naive design (run_coroutine_threadsafe per layer, one hop per lease released) against
+# ours without and with the early request of the next layer
+HOOK_CONFIGS = ("resident-naive", "resident-p0", "resident-p1")
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 
 
@@ -157,8 +162,52 @@ def run_hf(model: Any, ids: list[int], tokens: int, cold: bool, stops: Any) -> d
     return {"tokens": loop.tokens, "times": times, "disk": disk}
 
 
+def naive_hooks(lm: Any) -> None:
+    """Replace the LM's hooks by the naive design: the worker blocks on
+    ``run_coroutine_threadsafe(pager.acquire_layer(n))`` at each layer and releases
+    each lease from its own thread (one hop per lease)."""
+    from asyncpager.torch._tensors import weight_view
+
+    lm._hooks.remove()
+    loop = asyncio.get_running_loop()
+    bindings = lm._hooks._bindings
+    held: dict[int, Any] = {}
+
+    def pre(n: int) -> Any:
+        def hook(module: Any, args: Any) -> None:
+            group = asyncio.run_coroutine_threadsafe(lm.pager.acquire_layer(n), loop).result()
+            held[n] = group
+            for ck, slots, convert in bindings[n]:
+                t = weight_view(group[ck].array, convert)
+                for slot in slots:
+                    slot.table[slot.attr] = t
+
+        return hook
+
+    def post(n: int) -> Any:
+        def hook(module: Any, args: Any, out: Any) -> None:
+            for _, slots, _ in bindings[n]:
+                for slot in slots:
+                    slot.table[slot.attr] = slot.placeholder
+            for lease in held.pop(n).values():
+                lease.release()
+
+        return hook
+
+    for n, module in lm._skeleton.layer_modules.items():
+        module.register_forward_pre_hook(pre(n))
+        module.register_forward_hook(post(n), always_call=True)
+
+
 async def run_paged(
-    path: Path, ids: list[int], tokens: int, cold: bool, cap: int, prefetch: int, threads: int
+    path: Path,
+    ids: list[int],
+    tokens: int,
+    cold: bool,
+    cap: int,
+    prefetch: int,
+    threads: int,
+    naive: bool = False,
 ) -> dict[str, Any]:
     from asyncpager.torch import PagedCausalLM
     from asyncpager.torch._decode import DecodeLoop
@@ -172,6 +221,8 @@ async def run_paged(
         direct_io=cold,
         tokenizer=False,
     ) as lm:
+        if naive:
+            naive_hooks(lm)
         loop = DecodeLoop(lm.model, ids, tokens, stops=lm.eos_ids)
         times: list[float] = []
         disk: list[int] = []
@@ -214,10 +265,11 @@ def worker(args: argparse.Namespace) -> None:
     result: dict[str, Any] = {"config": args.worker, "condition": args.condition}
     with RssSampler() as rss:
         t0 = time.perf_counter()
-        if args.worker.startswith("paged"):
-            prefetch = int(args.worker.removeprefix("paged-p"))
+        if args.worker.startswith(("paged", "resident")):
+            naive = args.worker == "resident-naive"
+            prefetch = 0 if naive else int(args.worker.split("-p")[1])
             out = asyncio.run(
-                run_paged(path, ids, args.tokens, cold, args.cap, prefetch, args.threads)
+                run_paged(path, ids, args.tokens, cold, args.cap, prefetch, args.threads, naive)
             )
         else:
             from transformers import AutoModelForCausalLM, GenerationConfig
@@ -245,7 +297,7 @@ def worker(args: argparse.Namespace) -> None:
     result.update(out)
     result.update(
         peak_anon=rss.peak_anon, peak_file=rss.peak_file, peak_total=rss.peak_total,
-        threads=torch.get_num_threads() if not args.worker.startswith("paged") else args.threads,
+        threads=args.threads,
     )  # fmt: skip
     print(json.dumps(result))
 
@@ -297,12 +349,16 @@ def embedding_bytes(model: Path) -> int:
 
 
 def summarize(r: dict[str, Any], full: dict[str, Any]) -> dict[str, Any]:
-    times = r["times"][1:] or r["times"]  # decode: after the prefill token
+    """Decode figures (the tokens after the prefill). tokens/s is 1 / the median time
+    per token, robust to the other tenants of a shared machine; the split is a mean."""
+    times = r["times"][1:] or r["times"]
     n = len(times)
+    median = statistics.median(times)
     s: dict[str, Any] = {
-        "tok_s": n / sum(times),
-        "ms_token": 1000 * sum(times) / n,
-        "identical": r["tokens"] == full["tokens"],
+        "tok_s": 1 / median,
+        "ms_token": 1000 * median,
+        # a shorter (cold) run must match the start of the fully loaded run
+        "identical": r["tokens"] == full["tokens"][: len(r["tokens"])],
         "disk_mib": sum(r["disk"][1:] or r["disk"]) / n / MiB,
         "peak_anon_mib": r["peak_anon"] / MiB,
         "peak_file_mib": r["peak_file"] / MiB,
@@ -327,6 +383,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--cold-tokens", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--configs", default=",".join(CONFIGS), help="a subset of " + ",".join(CONFIGS))
+    p.add_argument("--no-hooks", action="store_true", help="skip the hook-design comparison")
     p.add_argument("--json", default=None)
     p.add_argument(
         "--below-embedding",
@@ -334,7 +392,7 @@ def main() -> None:
         help="cap at half of the token embedding (tensors larger than the budget)",
     )
     # worker mode (one configuration in this process)
-    p.add_argument("--worker", choices=CONFIGS)
+    p.add_argument("--worker", choices=CONFIGS + HOOK_CONFIGS)
     p.add_argument("--condition", choices=("warm", "cold"))
     p.add_argument("--model")
     p.add_argument("--cap", type=int)
@@ -359,13 +417,15 @@ def main() -> None:
         cap, model_bytes = cap_for(model)
         if a.below_embedding:
             cap = embedding_bytes(model) // 2
+        configs = [c for c in CONFIGS if c in a.configs.split(",")]
+        configs = ["full", *(c for c in configs if c != "full")]
         for condition in conditions:
-            raw = {c: spawn(c, condition, model, cap, a) for c in CONFIGS}
+            raw = {c: spawn(c, condition, model, cap, a) for c in configs}
             full = raw["full"]
             if condition == "cold":  # tokens must match the warm fully loaded run too
                 full = everything.get(f"{dtype}/warm/raw", raw)["full"]
             rows, summary = [], {}
-            for c in CONFIGS:
+            for c in configs:
                 s = summarize(raw[c], full)
                 summary[c] = s
                 rows.append([
@@ -375,18 +435,21 @@ def main() -> None:
                     f"{s['peak_anon_mib']:.0f}", f"{s['peak_file_mib']:.0f}",
                     "yes" if s["identical"] else "NO",
                 ])  # fmt: skip
+            offloaded = ", ".join(raw.get("accelerate", {}).get("device_map", [])) or "-"
             print(
                 f"\n{dtype}, {condition}: cap {cap / MiB:.0f} MiB of {model_bytes / MiB:.0f} MiB; "
-                f"accelerate offloads {', '.join(raw['accelerate'].get('device_map', [])) or '-'}"
+                f"accelerate offloads {offloaded}"
             )
             print(table(
                 ["config", "tok/s", "ms/tok", "compute", "wait", "bind", "MiB read/tok",
                  "disk MiB/tok", "peak anon MiB", "peak file MiB", "identical"],
                 rows,
             ))  # fmt: skip
-            acc, fl = summary["accelerate"], summary["full"]
+            acc, fl = summary.get("accelerate", summary["full"]), summary["full"]
             target_rss = fl["peak_mib"] - (model_bytes - cap) / MiB + 64
             for c in ("paged-p1", "paged-p2"):
+                if c not in summary:
+                    continue
                 s = summary[c]
                 line = (
                     f"{c}: {s['tok_s'] / acc['tok_s']:.2f}x accelerate "
@@ -399,8 +462,34 @@ def main() -> None:
                 print(line)
             everything[f"{dtype}/{condition}"] = summary
             everything[f"{dtype}/{condition}/raw"] = raw
+            if condition == "warm" and not a.no_hooks:
+                everything[f"{dtype}/hooks"] = hook_designs(model, model_bytes, raw["full"], a)
     if a.json:
         Path(a.json).write_text(json.dumps(everything, indent=1))
+
+
+def hook_designs(model: Path, model_bytes: int, full: dict[str, Any], a: argparse.Namespace) -> Any:
+    """The hooks' own cost: every layer resident, nothing to read."""
+    import asyncpager as ap
+
+    layers = len(ap.read_index(model).layers)
+    cap = model_bytes + 64 * MiB
+    fl = summarize(full, full)
+    rows, out = [], {}
+    for c in HOOK_CONFIGS:
+        s = summarize(spawn(c, "warm", model, cap, a), full)
+        out[c] = s
+        rows.append([
+            c, f"{s['tok_s']:.2f}", f"{s['ms_token']:.0f}", f"{s['wait_ms']:.1f}",
+            f"{s['bind_ms']:.1f}", f"{(s['ms_token'] - fl['ms_token']) / layers:.2f}",
+            f"{s['tok_s'] / fl['tok_s']:.2f}",
+        ])  # fmt: skip
+    print(f"\nhook designs, every layer resident (cap {cap / MiB:.0f} MiB): full "
+          f"{fl['tok_s']:.2f} tok/s, {fl['ms_token']:.0f} ms/token")  # fmt: skip
+    print(table(
+        ["design", "tok/s", "ms/tok", "wait", "bind", "overhead ms/layer", "x full"], rows
+    ))  # fmt: skip
+    return out
 
 
 def _ms(s: dict[str, Any], key: str) -> str:

@@ -80,3 +80,20 @@ def make_pager(watch_pager: PagerWatch) -> PagerFactory:
         return watch_pager(ap.Pager(*args, **kwargs))
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Any]:
+    """``tiny_models("llama" | "qwen2" | "gemma3")``: a tiny random-weight checkpoint
+    directory saved by transformers (made once per session)."""
+    from tests.tinylm import make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-lm")
+    made: dict[str, Any] = {}
+
+    def get(arch: str) -> Any:
+        if arch not in made:
+            made[arch] = make_tiny_model(root / arch, arch)
+        return made[arch]
+
+    return get

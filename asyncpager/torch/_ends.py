@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._tensors import bind_view
+from ._tensors import weight_view
 
 if TYPE_CHECKING:
     from .._lease import Lease
@@ -97,8 +97,7 @@ class PagedEnds:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def _bind(self, lease: Lease, convert: torch.dtype | None) -> torch.Tensor:
-        t = bind_view(lease.array)
-        return t.to(convert) if convert is not None else t
+        return weight_view(lease.array, convert)  # requires_grad as the bridge binds
 
     def _embedding_forward(
         self, module: nn.Embedding, name: str, convert: torch.dtype | None

@@ -43,7 +43,7 @@ from torch import nn
 from .._errors import PagerClosed
 from .._lease import LeaseGroup
 from ._skeleton import Skeleton, Slot
-from ._tensors import bind_view
+from ._tensors import weight_view
 
 if TYPE_CHECKING:
     from .._pager import Pager
@@ -108,18 +108,18 @@ class LayerHooks:
         skeleton: Skeleton,
         loop: asyncio.AbstractEventLoop,
         *,
-        early: bool,
+        depth: int,
     ) -> None:
         self._pager = pager
         self._loop = loop
-        self._early = early
+        self._early = depth >= 1
         self._local = threading.local()
         self._bind_lock = threading.Lock()
         self._bound: dict[int, int] = {}
         order = sorted(skeleton.layer_modules)
         self._next = {n: order[i + 1] for i, n in enumerate(order[:-1])}
         # the next token's first layer, hinted when the last layer starts (see module doc)
-        self._wrap = {order[-1]: order[0]} if early and order else {}
+        self._wrap = {order[-1]: order[0]} if depth >= 1 and order else {}
         self._bindings: dict[int, list[tuple[str, list[Slot], torch.dtype | None]]] = {
             n: [(ck, skeleton.slots[ck], skeleton.convert[ck]) for ck in skeleton.layer_names[n]]
             for n in order
@@ -227,9 +227,7 @@ class LayerHooks:
                 # binding outlives this forward's lease while others hold theirs.
                 lease = group[ck]
                 shared = lease._entry.array
-                t = bind_view(shared if shared is not None else lease.array)
-                if convert is not None:
-                    t = t.to(convert)
+                t = weight_view(shared if shared is not None else lease.array, convert)
                 for slot in slots:
                     slot.table[slot.attr] = t
 

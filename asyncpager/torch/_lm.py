@@ -38,7 +38,7 @@ from ._decode import DecodeLoop, as_ids, eos_ids
 from ._ends import PagedEnds, pageable_ends
 from ._layers import ForwardCancelled, ForwardRun, LayerHooks
 from ._skeleton import Skeleton, build_skeleton, load_config
-from ._tensors import ReadOnlyTensor, bind_view, torch_dtype
+from ._tensors import ReadOnlyTensor, torch_dtype, weight_view
 
 __all__ = ["ForwardStats", "PagedCausalLM"]
 
@@ -192,7 +192,7 @@ class PagedCausalLM:
         self.model: Any = prepared.skeleton.model
         self._resident = resident
         self._loop = asyncio.get_running_loop()
-        self._hooks = LayerHooks(pager, prepared.skeleton, self._loop, early=prefetch_depth >= 1)
+        self._hooks = LayerHooks(pager, prepared.skeleton, self._loop, depth=prefetch_depth)
         #: embedding / head tensors served by row gathers and row blocks (not pinned)
         self._ends = PagedEnds(pager, prepared.skeleton, self._loop, paged)
         self.paged_ends: tuple[str, ...] = tuple(paged)
@@ -561,8 +561,9 @@ def _check_layer_fits(pager: Pager, skeleton: Skeleton, paged: Iterable[str] = (
 
 def _bind_resident(skeleton: Skeleton, group: LeaseGroup) -> None:
     for name, lease in group.items():
-        t: torch.Tensor = bind_view(lease.array)
         convert = skeleton.convert[name]
-        t = t.to(convert) if convert is not None else t.as_subclass(ReadOnlyTensor)
+        t = weight_view(lease.array, convert)
+        if convert is None:  # the pager's memory, bound for the LM's lifetime: guarded
+            t = t.as_subclass(ReadOnlyTensor)
         for slot in skeleton.slots[name]:
             slot.table[slot.attr] = t

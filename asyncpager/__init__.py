@@ -22,6 +22,7 @@ from ._lease import AcquireContext, Lease, LeaseGroup
 from ._open import HotSet, open, open_async
 from ._pager import Pager
 from ._request import RequestScope, RequestStats
+from ._row_blocks import RowBlocks
 from ._sizes import Size
 from ._sources import AiofilesSource, FileSource, MemorySource, MmapSource, MultiFileSource, Source
 from ._stats import LatencyHistogram, LatencySummary, PagerStats
@@ -51,6 +52,7 @@ __all__ = [
     "PagerStats",
     "RequestScope",
     "RequestStats",
+    "RowBlocks",
     "Size",
     "Source",
     "SourceError",

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -15,8 +16,9 @@ import numpy as np
 
 from ._pager import Pager
 from ._stats import LatencyHistogram, PagerStats
+from ._tensor import TensorInfo
 
-__all__ = ["DecodeResult", "run_decode"]
+__all__ = ["DecodeResult", "decode_ends", "run_decode"]
 
 Compute = Literal["sleep", "matmul"]
 
@@ -65,6 +67,26 @@ class DecodeResult:
         return d
 
 
+def decode_ends(tensors: Mapping[str, TensorInfo]) -> tuple[str | None, str | None]:
+    """The token embedding and the output head of a model (the head is the embedding
+    when the weights are tied), found by name among the tensors outside the layers:
+    ``(None, None)`` when there is no embedding matrix."""
+    from ._open import _EMBEDDING, _HEAD
+
+    def matrices(pattern: re.Pattern[str]) -> list[str]:
+        return [
+            name
+            for name, info in tensors.items()
+            if info.layer is None and len(info.shape or ()) >= 2 and pattern.search(name)
+        ]
+
+    embeddings = matrices(_EMBEDDING)
+    if not embeddings:
+        return None, None
+    heads = matrices(_HEAD)
+    return embeddings[0], heads[0] if heads else embeddings[0]
+
+
 def _matmul_for(seconds: float) -> Callable[[], None]:
     """A real compute step that holds a core for about ``seconds``: small matrix
     products (32x32 stays single-threaded in BLAS, so a busy machine does not make
@@ -88,10 +110,19 @@ async def run_decode(
     compute: Compute = "sleep",
     warmup_tokens: int = 1,
     on_layer: Callable[[int, int], None] | None = None,
+    embedding: str | None = None,
+    head: str | None = None,
+    head_rows_per_block: int | None = None,
 ) -> DecodeResult:
     """Run ``warmup_tokens`` then ``tokens`` tokens of decoding over ``pager.schedule``;
     report the measured tokens. ``stall_seconds`` is the wall time the loop spent
-    in ``acquire_layer`` (waiting for bytes or room)."""
+    in ``acquire_layer`` (waiting for bytes or room).
+
+    With ``embedding``, each token starts by gathering one row of it
+    (``acquire_rows``); with ``head``, each token ends by streaming that tensor in
+    row blocks (``row_blocks``, one compute step shared among the blocks), as an
+    output head larger than the budget is computed: the time spent waiting for
+    rows and blocks counts as stall."""
     schedule = pager.schedule
     if not schedule:
         raise ValueError("the model has no layers to decode over")
@@ -121,19 +152,55 @@ async def run_decode(
             computed[0] += time.perf_counter() - t1
         return t1 - t0
 
+    vocab = (pager.tensors[embedding].shape or (1,))[0] if embedding is not None else 1
+
+    async def compute_for(seconds: float) -> None:
+        t1 = time.perf_counter()
+        if work is not None and seconds > 0:
+            await loop.run_in_executor(compute_pool, _matmul_for(seconds))
+        elif seconds > 0:
+            await asyncio.sleep(seconds)
+        computed[0] += time.perf_counter() - t1
+
+    async def first(token: int) -> float:
+        if embedding is None:
+            return 0.0
+        t0 = time.perf_counter()
+        async with pager.acquire_rows(embedding, [(token * 7919) % vocab]):
+            return time.perf_counter() - t0
+
+    async def last() -> float:
+        if head is None:
+            return 0.0
+        waited = 0.0
+        blocks = pager.row_blocks(head, head_rows_per_block)
+        n_blocks = -(-(pager.tensors[head].shape or (1,))[0] // blocks.rows_per_block)
+        async with blocks:
+            t0 = time.perf_counter()
+            async for _ in blocks:
+                waited += time.perf_counter() - t0
+                with pager.span("compute_head", tensor=head):
+                    await compute_for(compute_ms / 1000 / n_blocks)
+                t0 = time.perf_counter()
+        return waited
+
     try:
-        for _ in range(warmup_tokens):
+        for token in range(warmup_tokens):
+            await first(token)
             for layer in schedule:
                 await step(layer)
+            await last()
         pager.stats(reset=True)
         computed[0] = 0.0
         stall = 0.0
         t_start = time.perf_counter()
         for token in range(tokens):
+            stall += await first(warmup_tokens + token)
             for i, layer in enumerate(schedule):
                 stall += await step(layer)
                 if on_layer is not None:
                     on_layer(token, i)
+            stall += await last()
         seconds = time.perf_counter() - t_start
     finally:
         if compute_pool is not None:

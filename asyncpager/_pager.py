@@ -35,6 +35,8 @@ from ._flight import _MAX_GAP, FlightMixin, LoadFlight
 from ._lease import AcquireContext, Lease, LeaseGroup
 from ._pool import PAGE, BufferPool, block_capacity
 from ._prefetch import PrefetchMixin
+from ._row_blocks import RowBlocksMixin
+from ._rows import RowsEntry, RowsMixin
 from ._schedule import Schedule
 from ._sizes import Size, as_bytes
 from ._sources import Source
@@ -101,7 +103,7 @@ class _Ticket:
 
 
 @final
-class Pager(PrefetchMixin, FlightMixin):
+class Pager(RowsMixin, RowBlocksMixin, PrefetchMixin, FlightMixin):
     """Pages tensors of ``source`` into RAM under a strict ``budget_bytes``.
 
     Args:
@@ -189,6 +191,12 @@ class Pager(PrefetchMixin, FlightMixin):
         self._scratch = np.empty(_MAX_GAP, np.uint8)
         self._resident_bytes = 0
         self._inflight_bytes = 0
+        self._row_bytes = 0  # gathered row blocks held by leases (_rows.py)
+        self._gathers: dict[object, RowsEntry] = {}
+        self._tail: tuple[Entry, int] | None = None  # streamed after the last layer
+        self._tail_request: Any = None  # its first block, prefetched
+        self._tail_stale = False  # a new token started since it was prefetched
+        self._tail_cursor = 0
         self._pinned_reserve = 0
         self._pinned_total = 0
         self._resident_count = 0
@@ -362,6 +370,7 @@ class Pager(PrefetchMixin, FlightMixin):
             prefetch_errors=self._pf_errors,
             stall_seconds=self._stall_ns / 1e9,
             checksum_failures=self._checksum_failures,
+            row_bytes=self._row_bytes,
             acquire_hit=self._h_hit.summary(),
             acquire_joined=self._h_joined.summary(),
             acquire_miss=self._h_miss.summary(),
@@ -554,6 +563,7 @@ class Pager(PrefetchMixin, FlightMixin):
             self._budget
             - self._resident_bytes
             - self._inflight_bytes
+            - self._row_bytes
             - (self._pinned_reserve - own_reserve)
         )
 
@@ -633,6 +643,7 @@ class Pager(PrefetchMixin, FlightMixin):
         self._pinned_reserve -= own_reserve
         self._inflight_bytes += need
         excess = self._resident_bytes + self._inflight_bytes + self._pinned_reserve
+        excess += self._row_bytes
         excess += self._pool.idle_bytes - self._budget
         if excess > 0:
             self._pool.drop(excess)
@@ -728,7 +739,9 @@ class Pager(PrefetchMixin, FlightMixin):
         e.leases -= 1
         if e.leases or e.array is None:
             return
-        if self._closed:
+        if isinstance(e, RowsEntry):
+            self._drop_rows(e)
+        elif self._closed:
             self._free_closed(e)
         elif not e.pinned:
             self._policy.add(e)
@@ -866,6 +879,7 @@ class Pager(PrefetchMixin, FlightMixin):
         if self._close_task is None:
             self._closed = True
             closed = PagerClosed("the pager was closed")
+            self._drop_tail()
             for ticket in self._queue:
                 ticket.state = _FAILED
                 if ticket.future is not None and not ticket.future.done():

@@ -46,6 +46,7 @@ class PrefetchMixin:
     _free_bytes: Callable[..., int]
     _reserve: Callable[..., list[np.ndarray[Any, Any] | None] | None]
     _start_loads: Callable[..., None]
+    _prefetch_tail: Callable[[], None]  # RowBlocksMixin
 
     def prefetch(self, names: Iterable[str]) -> None:
         """Hint: load ``names`` in the background at low priority; returns at once.
@@ -84,6 +85,7 @@ class PrefetchMixin:
                     # one needs sooner (and planning it again per layer is what made
                     # deep prefetch O(depth x tensors x victims) on the loop).
                     break
+        self._prefetch_tail()  # the decode tail's first block (_row_blocks.py)
 
     def _prefetch_entries(self, entries: Iterable[Entry]) -> bool:
         """Start background loads for what fits of ``entries``. Returns False when

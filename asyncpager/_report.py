@@ -151,8 +151,11 @@ def _metadata_text(value: Any, width: int = 64) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def describe_index(index: ModelIndex, *, largest: int = 10) -> dict[str, Any]:
-    """What ``asyncpager inspect --json`` prints: JSON-ready facts about a model."""
+def describe_index(
+    index: ModelIndex, *, largest: int = 10, budget: int | None = None
+) -> dict[str, Any]:
+    """What ``asyncpager inspect --json`` prints: JSON-ready facts about a model.
+    With ``budget``, also the tensors larger than it (``larger_than_budget``)."""
     layers = []
     for layer, names in index.layers.items():
         infos = [index.tensors[n] for n in names]
@@ -188,6 +191,14 @@ def describe_index(index: ModelIndex, *, largest: int = 10) -> dict[str, Any]:
         "other_tensors": [t["name"] for t in tensors if t["layer"] is None],
         "largest": sorted(tensors, key=lambda t: -int(t["bytes"]))[:largest],
         "tensors": tensors,
+        **(
+            {
+                "budget_bytes": budget,
+                "larger_than_budget": [t["name"] for t in tensors if t["bytes"] > budget],
+            }
+            if budget is not None
+            else {}
+        ),
     }
 
 
@@ -195,9 +206,10 @@ def _files(n: int) -> str:
     return "1 file" if n == 1 else f"{n} files"
 
 
-def format_index(index: ModelIndex, *, largest: int = 10) -> str:
-    """What ``asyncpager inspect`` prints."""
-    d = describe_index(index, largest=largest)
+def format_index(index: ModelIndex, *, largest: int = 10, budget: int | None = None) -> str:
+    """What ``asyncpager inspect`` prints; with ``budget``, tensors larger than it
+    are marked (they are served by row gathers and row blocks, never whole)."""
+    d = describe_index(index, largest=largest, budget=budget)
     layer_bytes = [row["bytes"] for row in d["layers"]]
     lines = [
         str(index.path),
@@ -239,16 +251,33 @@ def format_index(index: ModelIndex, *, largest: int = 10) -> str:
             f"not in a layer: {len(others)} tensors, {format_size(other_bytes)} ({shown})",
         ]
     lines += ["", f"largest tensors (top {len(d['largest'])})"]
+    over = set(d.get("larger_than_budget", ()))
     rows = [
-        (t["name"], t["dtype"], "×".join(map(str, t["shape"])) or "scalar", format_size(t["bytes"]))
+        (
+            t["name"],
+            t["dtype"],
+            "×".join(map(str, t["shape"])) or "scalar",
+            format_size(t["bytes"]),
+            *(("> budget",) if t["name"] in over else ("",)) * (budget is not None),
+        )
         for t in d["largest"]
     ]
+    headers: tuple[str, ...] = ("name", "dtype", "shape", "bytes")
+    if budget is not None:
+        headers += (f"vs {format_size(budget)}",)
     lines += [
         "  " + line
-        for line in format_table(
-            ("name", "dtype", "shape", "bytes"), rows, align="lllr"
-        ).splitlines()
+        for line in format_table(headers, rows, align="lllrl"[: len(headers)]).splitlines()
     ]
+    if budget is not None:
+        lines.append(
+            f"\n{len(over)} tensor(s) larger than the budget of {format_size(budget)}"
+            + (
+                f": {', '.join(sorted(over))} — served by row gathers and row blocks"
+                if over
+                else ""
+            )
+        )
     return "\n".join(lines)
 
 

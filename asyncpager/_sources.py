@@ -22,6 +22,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import itertools
 import logging
 import mmap
 import os
@@ -35,6 +36,7 @@ import numpy as np
 
 from ._errors import SourceError
 from ._executor import PriorityThreadPool
+from ._scatter import row_reads
 
 __all__ = [
     "AiofilesSource",
@@ -93,6 +95,41 @@ class Source(abc.ABC):
         for out in outs:
             await self.read_into(offset, out)
             offset += out.nbytes
+
+    async def read_runs_into(self, runs: Sequence[tuple[int, Sequence[memoryview]]]) -> None:
+        """Several scatter reads at once (``[(offset, outs), ...]``, each as
+        :meth:`readv_into`), e.g. the runs of a row gather. The default reads them in
+        turn; a source with worker threads batches them so that many small reads
+        cost one thread hop per worker, not one per read.
+
+        Raises:
+            SourceError: a read failed or hit the end of the source.
+        """
+        for offset, outs in runs:
+            await self.readv_into(offset, outs)
+
+    async def read_rows_into(
+        self,
+        table_offset: int,
+        row_bytes: int,
+        rows: np.ndarray[Any, np.dtype[np.int64]],
+        dest: np.ndarray[Any, np.dtype[np.int64]],
+        out: memoryview,
+        max_gap: int,
+    ) -> tuple[int, int]:
+        """Copy rows ``rows`` (sorted ascending, distinct) of a table of
+        ``row_bytes``-byte rows at ``table_offset`` to ``out[dest[k] * row_bytes:]``;
+        rows closer than ``max_gap`` bytes are read by one scatter read (the gap read
+        and discarded). Returns the bytes read and the number of reads. The default
+        builds the reads here and runs them with :meth:`read_runs_into`.
+
+        Raises:
+            SourceError: a read failed or hit the end of the source.
+        """
+        scratch = memoryview(bytearray(min(max_gap, 1 << 20)))
+        reads, total = row_reads(table_offset, row_bytes, rows, dest, out, scratch, max_gap)
+        await self.read_runs_into(reads)
+        return total, len(reads)
 
     def advise_willneed(self, offset: int, length: int) -> None:  # noqa: B027
         """Hint that ``[offset, offset+length)`` will be read soon. Default: nothing."""
@@ -153,6 +190,45 @@ def _preadv_exact(fd: int, outs: Sequence[memoryview], offset: int, eof_ok_at: i
             pending.pop(0)
         if got:
             pending[0] = pending[0][got:]
+
+
+def _preadv_pieces(
+    fd: int, pieces: Sequence[tuple[int, Sequence[memoryview]]], eof_ok_at: int
+) -> None:
+    """Blocking: many scatter reads in one job (one thread hop). The common case,
+    a full read, costs one ``preadv`` and one comparison; anything else is redone
+    by :func:`_preadv_exact`."""
+    preadv = os.preadv
+    for offset, outs in pieces:
+        if len(outs) == 1:
+            if preadv(fd, outs, offset) == outs[0].nbytes:
+                continue
+        elif len(outs) <= _IOV_MAX and preadv(fd, outs, offset) == sum(o.nbytes for o in outs):
+            continue
+        _preadv_exact(fd, outs, offset, eof_ok_at)
+
+
+_worker_scratch = threading.local()
+
+
+def _read_rows_job(
+    fd: int,
+    table_offset: int,
+    row_bytes: int,
+    rows: np.ndarray[Any, np.dtype[np.int64]],
+    dest: np.ndarray[Any, np.dtype[np.int64]],
+    out: memoryview,
+    max_gap: int,
+    eof_ok_at: int,
+) -> tuple[int, int]:
+    """Blocking, on an I/O worker: build the scatter reads of some rows and run them
+    (the gaps go to this worker's own scratch buffer)."""
+    scratch = getattr(_worker_scratch, "buf", None)
+    if scratch is None or scratch.nbytes < max_gap:
+        scratch = _worker_scratch.buf = memoryview(bytearray(max(max_gap, 1)))
+    reads, total = row_reads(table_offset, row_bytes, rows, dest, out, scratch, max_gap)
+    _preadv_pieces(fd, reads, eof_ok_at)
+    return total, len(reads)
 
 
 def split_chunks(
@@ -296,6 +372,107 @@ class FileSource(Source):
             raise SourceError(
                 f"{self.path}: read of {total} bytes at offset {offset} failed: {exc}"
             ) from exc
+
+    async def read_runs_into(self, runs: Sequence[tuple[int, Sequence[memoryview]]]) -> None:
+        if len(runs) == 1:
+            await self.readv_into(*runs[0])
+            return
+        total = 0
+        last = 0  # the end of the farthest run
+        for offset, outs in runs:
+            length = outs[0].nbytes if len(outs) == 1 else sum(o.nbytes for o in outs)
+            if offset < 0:
+                self._check_range(offset, length)
+            total += length
+            if offset + length > last:
+                last = offset + length
+        if last > self.size and not self.direct_io_active:
+            for offset, outs in runs:
+                self._check_range(offset, sum(o.nbytes for o in outs))
+        fd = self._fd
+        if fd < 0:
+            raise SourceError(f"{self.path}: source is closed")
+        executor = self.executor
+        assert executor is not None
+        # Large reads: runs cut in chunks, the pieces dealt to the workers in file
+        # order, about total/workers bytes each: one thread hop per worker. Small
+        # ones (row gathers: many tiny preadv calls) make one job: dealt to two
+        # threads they ran slower here, the threads contending for the GIL.
+        jobs: list[Sequence[tuple[int, Sequence[memoryview]]]] = [runs]
+        if total >= _MIN_SPLIT and self._workers > 1:
+            chunk = self._chunk_for(total)
+            pieces = [p for offset, outs in runs for p in split_chunks(offset, outs, chunk)]
+            share = -(-total // self._workers)
+            split: list[list[tuple[int, Sequence[memoryview]]]] = [[]]
+            job_bytes = 0
+            for piece in pieces:
+                if job_bytes >= share:
+                    split.append([])
+                    job_bytes = 0
+                split[-1].append(piece)
+                job_bytes += sum(b.nbytes for b in piece[1])
+            jobs = list(split)
+        eof_ok_at = self.size if self.direct_io_active else self.size + 1
+        try:
+            await _run_all(
+                executor, [functools.partial(_preadv_pieces, fd, job, eof_ok_at) for job in jobs]
+            )
+        except (OSError, EOFError, ValueError, RuntimeError) as exc:
+            raise SourceError(
+                f"{self.path}: {len(runs)} reads of {total} bytes from offset "
+                f"{runs[0][0]} failed: {exc}"
+            ) from exc
+
+    async def read_rows_into(
+        self,
+        table_offset: int,
+        row_bytes: int,
+        rows: np.ndarray[Any, np.dtype[np.int64]],
+        dest: np.ndarray[Any, np.dtype[np.int64]],
+        out: memoryview,
+        max_gap: int,
+    ) -> tuple[int, int]:
+        n = len(rows)
+        if self.direct_io_active or not n:
+            return await super().read_rows_into(table_offset, row_bytes, rows, dest, out, max_gap)
+        lo = table_offset + int(rows[0]) * row_bytes
+        hi = table_offset + (int(rows[-1]) + 1) * row_bytes
+        if lo < 0 or hi > self.size:
+            self._check_range(lo, hi - lo)
+        fd = self._fd
+        if fd < 0:
+            raise SourceError(f"{self.path}: source is closed")
+        executor = self.executor
+        assert executor is not None
+        # The reads are built on the worker, not on the loop. Gathers of a MiB or
+        # more are shared among the workers (each builds and runs its share's reads);
+        # smaller ones run on one: two threads of tiny preadv calls contended for the
+        # GIL and ran slower here.
+        parts = self._workers if n * row_bytes >= _MIN_SPLIT else 1
+        cuts = [n * k // parts for k in range(parts + 1)]
+        jobs = [
+            functools.partial(
+                _read_rows_job,
+                fd,
+                table_offset,
+                row_bytes,
+                rows[a:b],
+                dest[a:b],
+                out,
+                max_gap,
+                self.size + 1,
+            )
+            for a, b in itertools.pairwise(cuts)
+            if b > a
+        ]
+        try:
+            done = await _run_all(executor, jobs)
+        except (OSError, EOFError, ValueError, RuntimeError) as exc:
+            raise SourceError(
+                f"{self.path}: a gather of {n} rows of {row_bytes} bytes at offset "
+                f"{table_offset} failed: {exc}"
+            ) from exc
+        return sum(t for t, _ in done), sum(c for _, c in done)
 
     def close(self) -> None:
         with self._lock:

@@ -139,6 +139,7 @@ class PagerStats:
     prefetch_errors: int = 0
     stall_seconds: float = 0.0
     checksum_failures: int = 0
+    row_bytes: int = 0  # gathered row blocks held by leases (acquire_rows, row_blocks)
     acquire_hit: LatencySummary = field(default_factory=LatencySummary)
     acquire_joined: LatencySummary = field(default_factory=LatencySummary)
     acquire_miss: LatencySummary = field(default_factory=LatencySummary)

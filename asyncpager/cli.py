@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from . import __version__
-from ._decode import DecodeResult, run_decode
+from ._decode import DecodeResult, decode_ends, run_decode
 from ._errors import BudgetExceeded, FormatError, SourceError
 from ._formats import ModelIndex, read_index
 from ._open import open as open_model
@@ -170,6 +170,7 @@ class RunConfig:
     compute: str = "sleep"
     direct_io: bool = False
     trace: bool = False
+    ends: bool = True  # each token gathers an embedding row and streams the head
 
 
 @dataclass(slots=True)
@@ -229,12 +230,15 @@ async def _decode(
             )
         progress.total = total
         progress.note("warming up (1 token)")
+        embedding, head = decode_ends(pager.tensors) if config.ends else (None, None)
         result = await run_decode(
             pager,
             tokens=config.tokens,
             compute_ms=config.compute_ms,
             compute="matmul" if config.compute == "matmul" else "sleep",
             on_layer=on_layer,
+            embedding=embedding,
+            head=head,
         )
         outcome = RunOutcome(
             config,
@@ -280,10 +284,11 @@ _RESULT_HEADERS = (
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     index = read_index(args.model)
+    budget = None if args.budget is None else args.budget.resolve(_layer_bytes(index))
     if args.json:
-        print(json.dumps(describe_index(index, largest=args.top), indent=2))
+        print(json.dumps(describe_index(index, largest=args.top, budget=budget), indent=2))
     else:
-        print(format_index(index, largest=args.top))
+        print(format_index(index, largest=args.top, budget=budget))
     return 0
 
 
@@ -304,6 +309,7 @@ def _bench_config(args: argparse.Namespace, index: ModelIndex, trace: bool) -> R
         compute=args.compute,
         direct_io=args.direct_io,
         trace=trace,
+        ends=not args.layers_only,
     )
 
 
@@ -312,12 +318,22 @@ def _bench_header(args: argparse.Namespace, index: ModelIndex, outcome: RunOutco
     io = "direct I/O" if outcome.direct_io_active else "buffered reads"
     if args.direct_io and not outcome.direct_io_active:
         io += " (O_DIRECT refused)"
+    embedding, head = decode_ends(index.tensors) if not args.layers_only else (None, None)
+    ends = ""
+    if embedding is not None and head is not None:
+        budget = args.budget.resolve(_layer_bytes(index))
+        big = [n for n in dict.fromkeys((embedding, head)) if index.tensors[n].nbytes > budget]
+        ends = (
+            f"\neach token: one row of {embedding} (acquire_rows), the layers, then "
+            f"{head} in row blocks (row_blocks)"
+            + (f"; larger than the budget: {', '.join(big)}" if big else "")
+        )
     return (
         f"{index.path}: {index.format}, {len(index.tensors)} tensors, "
         f"{len(index.layers)} layers, {format_size(index.nbytes)} of weights\n"
         f"budget {args.budget.describe(_layer_bytes(index))}, {args.tokens} tokens × "
         f"{len(index.layers)} layers × {args.compute_ms:g} ms {args.compute}, "
-        f"loop {loop}, {io}"
+        f"loop {loop}, {io}{ends}"
     )
 
 
@@ -335,6 +351,8 @@ def _bench_json(args: argparse.Namespace, index: ModelIndex, o: RunOutcome) -> d
             "compute": c.compute,
             "loop": loop,
             "direct_io": o.direct_io_active,
+            "embedding": decode_ends(index.tensors)[0] if c.ends else None,
+            "head": decode_ends(index.tensors)[1] if c.ends else None,
         },
         **o.result.as_dict(),
     }
@@ -539,6 +557,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="read with O_DIRECT, bypassing the page cache (where supported)",
     )
+    p.add_argument(
+        "--layers-only",
+        action="store_true",
+        help="decode over the layers alone (by default each token also gathers an "
+        "embedding row and streams the output head in row blocks)",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     _add_common(p)
 
@@ -582,6 +606,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a GGUF or safetensors file, or a sharded checkpoint")
     p.add_argument("--json", action="store_true", help="print everything as JSON")
     _option(p, "--top", _nonneg_int, 10, "N", "largest tensors to list")
+    p.add_argument(
+        "--budget",
+        type=_budget_arg,
+        default=None,
+        metavar="SIZE|N%",
+        help="mark the tensors larger than this budget (served by row gathers and "
+        "row blocks, never loaded whole)",
+    )
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser(

@@ -85,6 +85,11 @@ _GAUGES: tuple[tuple[str, str, Callable[[Pager], int]], ...] = (
     ("resident_bytes", "Bytes held by resident tensors.", lambda p: p.resident_bytes),
     ("inflight_bytes", "Bytes reserved for loads in flight.", lambda p: p.inflight_bytes),
     (
+        "row_bytes",
+        "Bytes of gathered row blocks held by leases (counted in the budget).",
+        lambda p: p.row_bytes,
+    ),
+    (
         "pool_idle_bytes",
         "Idle pooled bytes kept for reuse (counted in the budget).",
         lambda p: p.pool_idle_bytes,

@@ -47,7 +47,7 @@ async def watch_pager() -> AsyncIterator[PagerWatch]:
     async def monitor() -> None:
         while True:
             for p in pagers:
-                if p.resident_bytes + p.inflight_bytes > p.budget_bytes:
+                if p.resident_bytes + p.inflight_bytes + p.row_bytes > p.budget_bytes:
                     violations.append(repr(p))
             await asyncio.sleep(0.0005)
 

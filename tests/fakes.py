@@ -87,9 +87,8 @@ def assert_invariants(pager: ap.Pager, *, closed: bool = False) -> None:
     assert pager.resident_bytes == sum(pager.charge_of(n) for n in resident), repr(pager)
     assert pager.resident_count == len(resident)
     assert pager.resident_bytes + pager.inflight_bytes <= pager.budget_bytes, repr(pager)
-    assert (
-        pager.resident_bytes + pager.inflight_bytes + pager.pool_idle_bytes <= pager.budget_bytes
-    ), repr(pager)
+    held = pager.resident_bytes + pager.inflight_bytes + pager.row_bytes
+    assert held + pager.pool_idle_bytes <= pager.budget_bytes, repr(pager)
     pinned_absent = sum(
         pager.charge_of(n)
         for n in pager.tensors

@@ -66,3 +66,25 @@ def test_generate_errors(tiny: Path, tmp_path: Path) -> None:
     assert "budget" in small
     bad = assert_one_line_error(run_cli("generate", tiny, "--budget", "lots", cwd=tmp_path), 2)
     assert "lots" in bad
+
+
+@pytest.mark.timeout(300)
+def test_generate_under_a_budget_smaller_than_the_embedding(tiny: Path, tmp_path: Path) -> None:
+    """The embedding and head do not fit: they are served by rows, not refused, and
+    the tokens are still the fully loaded model's."""
+    import asyncpager as ap
+    from tests.torch_models import layer_charge
+
+    index = ap.read_index(tiny)
+    embed = index.tensors["model.embed_tokens.weight"]
+    layer = max(layer_charge(index, n) for n in index.layers)
+    budget = 2 * layer + 16 * 1024
+    assert budget < embed.nbytes + 2 * layer  # pinning the embedding would not fit
+    proc = run_cli(
+        "generate", tiny, "--budget", str(budget), "--prompt", "w5 w9 w20",
+        "--max-new-tokens", "4", "--compare", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "served by row gathers and row blocks" in proc.stdout
+    assert "model.embed_tokens.weight" in proc.stdout
+    assert proc.stdout.splitlines()[-1].endswith("tokens identical")

@@ -133,6 +133,7 @@ async def test_from_leases_of_a_safetensors_file(tmp_path: Path, watch_pager: Pa
                 assert torch.equal(t.view(torch.uint8), expected.view(torch.uint8))
                 with pytest.raises(RuntimeError, match="read-only"):
                     t.zero_()
+                del t  # no view may outlive the lease (debug mode checks it)
 
 
 async def test_quantized_gguf_blocks_stay_uint8(watch_pager: PagerWatch) -> None:
@@ -152,3 +153,4 @@ async def test_quantized_gguf_blocks_stay_uint8(watch_pager: PagerWatch) -> None
                 assert tuple(t.shape) == info.shape
                 assert t.data_ptr() == lease.array.ctypes.data
                 assert t.numpy().tobytes() == lease.array.tobytes()
+                del t  # no view may outlive the lease (debug mode checks it)

@@ -37,6 +37,7 @@ class GenerateReport:
     budget_bytes: int
     pinned_bytes: int
     torch_threads: int
+    paged_ends: tuple[str, ...] = ()
 
 
 async def generate_streaming(args: argparse.Namespace, out: TextIO) -> GenerateReport:
@@ -86,6 +87,7 @@ async def generate_streaming(args: argparse.Namespace, out: TextIO) -> GenerateR
             budget_bytes=budget,
             pinned_bytes=pinned,
             torch_threads=lm.torch_threads,
+            paged_ends=lm.paged_ends,
         )
 
 
@@ -107,7 +109,12 @@ def describe(r: GenerateReport) -> list[str]:
         f"{r.torch_threads} torch threads)",
         f"read {format_size(r.bytes_read / n)} per token ({format_size(r.bytes_read)} in all), "
         f"hit rate {r.hit_rate:.1%}, budget {format_size(r.budget_bytes)} "
-        f"({format_size(r.pinned_bytes)} pinned: embeddings, final norm, head)",
+        + (
+            f"({format_size(r.pinned_bytes)} pinned; served by row gathers and row blocks, "
+            f"not pinned: {', '.join(r.paged_ends)})"
+            if r.paged_ends
+            else f"({format_size(r.pinned_bytes)} pinned: embeddings, final norm, head)"
+        ),
     ]
     return lines
 

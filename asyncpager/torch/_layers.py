@@ -222,7 +222,12 @@ class LayerHooks:
             if count:
                 return
             for ck, slots, convert in self._bindings[layer]:
-                t = weight_view(group[ck].array, convert)
+                # The tensor's own array, not this lease's (in debug mode each lease
+                # has a view of its own, checked unreferenced at its release): the
+                # binding outlives this forward's lease while others hold theirs.
+                lease = group[ck]
+                shared = lease._entry.array
+                t = weight_view(shared if shared is not None else lease.array, convert)
                 for slot in slots:
                     slot.table[slot.attr] = t
 

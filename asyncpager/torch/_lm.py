@@ -33,8 +33,10 @@ from .._formats import read_index
 from .._lease import LeaseGroup
 from .._open import open as open_pager
 from .._pager import Pager
+from .._pool import block_capacity
 from .._sizes import parse_size
 from ._decode import DecodeLoop, as_ids, eos_ids
+from ._ends import PagedEnds, pageable_ends
 from ._layers import ForwardCancelled, ForwardRun, LayerHooks
 from ._skeleton import Skeleton, build_skeleton, load_config
 from ._tensors import ReadOnlyTensor, torch_dtype, weight_view
@@ -178,6 +180,7 @@ class PagedCausalLM:
         torch_threads: int | None,
         max_concurrent_forwards: int,
         path: Path,
+        paged: Sequence[str] = (),
     ) -> None:
         self.path = path
         self.config = prepared.config
@@ -191,6 +194,9 @@ class PagedCausalLM:
         self._resident = resident
         self._loop = asyncio.get_running_loop()
         self._hooks = LayerHooks(pager, prepared.skeleton, self._loop, depth=prefetch_depth)
+        #: embedding / head tensors served by row gathers and row blocks (not pinned)
+        self._ends = PagedEnds(pager, prepared.skeleton, self._loop, paged)
+        self.paged_ends: tuple[str, ...] = tuple(paged)
         self.torch_threads = torch_threads if torch_threads is not None else torch.get_num_threads()
         self._executor = ThreadPoolExecutor(
             max_workers=max_concurrent_forwards,
@@ -217,6 +223,7 @@ class PagedCausalLM:
         torch_threads: int | None = None,
         max_concurrent_forwards: int = 2,
         direct_io: bool = False,
+        pin_embeddings: bool | None = None,
         tokenizer: bool = True,
         **pager_options: Any,
     ) -> _OpenContext:
@@ -230,6 +237,13 @@ class PagedCausalLM:
         each time they are bound. ``tokenizer=False`` skips loading the tokenizer
         (``lm.tokenizer`` is then None). ``direct_io`` and ``pager_options`` go to
         :func:`asyncpager.open`.
+
+        Embedding and output-head matrices are pinned when they fit; those that do not
+        (the pinned tensors plus two decoder layers must fit the budget), or all of
+        them with ``pin_embeddings=False``, are served from the pager instead: the
+        embedding by row gathers of the input ids (``acquire_rows``), the head by row
+        blocks with the logits assembled block by block (``row_blocks``), tied
+        weights included (``paged_ends`` names them).
 
         Raises:
             FormatError: a malformed checkpoint (config or safetensors), or a GGUF file.
@@ -250,6 +264,7 @@ class PagedCausalLM:
                 torch_threads=torch_threads,
                 max_concurrent_forwards=max_concurrent_forwards,
                 direct_io=direct_io,
+                pin_embeddings=pin_embeddings,
                 tokenizer=tokenizer,
                 pager_options=pager_options,
             )
@@ -267,6 +282,7 @@ class PagedCausalLM:
         torch_threads: int | None,
         max_concurrent_forwards: int,
         direct_io: bool,
+        pin_embeddings: bool | None,
         tokenizer: bool,
         pager_options: dict[str, Any],
     ) -> PagedCausalLM:
@@ -274,11 +290,12 @@ class PagedCausalLM:
             raise ValueError(f"max_concurrent_forwards must be >= 1, not {max_concurrent_forwards}")
         prepared = await asyncio.to_thread(_Prepared, path, dtype, tokenizer)
         skeleton = prepared.skeleton
+        paged = _ends_to_page(prepared.index, skeleton, budget_bytes, pin_embeddings)
         pager = open_pager(
             path,
             index=prepared.index,
             budget_bytes=budget_bytes,
-            pinned=skeleton.resident_names,
+            pinned=[n for n in skeleton.resident_names if n not in paged],
             # the hooks request the next layer themselves (see _layers.py): the pager
             # prefetches the layers beyond it
             prefetch_depth=max(0, prefetch_depth - 1),
@@ -288,8 +305,10 @@ class PagedCausalLM:
         )
         try:
             pager.schedule = sorted(skeleton.layer_modules)
-            _check_layer_fits(pager, skeleton)
-            resident = await pager.acquire_many(skeleton.resident_names)
+            _check_layer_fits(pager, skeleton, paged)
+            resident = await pager.acquire_many(
+                [n for n in skeleton.resident_names if n not in paged]
+            )
             try:
                 _bind_resident(skeleton, resident)
                 return cls(
@@ -300,6 +319,7 @@ class PagedCausalLM:
                     torch_threads=torch_threads,
                     max_concurrent_forwards=max_concurrent_forwards,
                     path=path,
+                    paged=paged,
                 )
             except BaseException:
                 resident.release()
@@ -321,10 +341,16 @@ class PagedCausalLM:
         self._closed = True
         for run in list(self._runs):
             self._hooks.cancel(run)
-        self._resident.release()
         await self.pager.close()
         await asyncio.to_thread(self._executor.shutdown, wait=True)
         self._hooks.remove()
+        self._ends.remove()
+        # No forward runs any more: unbind the pinned tensors, then release them (the
+        # modules must not keep the leased arrays alive past their release).
+        for name in self._resident:
+            for slot in self._skeleton.slots[name]:
+                slot.table[slot.attr] = slot.placeholder
+        self._resident.release()
 
     async def __aenter__(self) -> Self:
         return self
@@ -496,10 +522,38 @@ class PagedCausalLM:
         ]
 
 
-def _check_layer_fits(pager: Pager, skeleton: Skeleton) -> None:
+def _ends_to_page(
+    index: Any, skeleton: Skeleton, budget_bytes: int, pin_embeddings: bool | None
+) -> list[str]:
+    """The embedding / head tensors to serve by rows instead of pinning: all of them
+    with ``pin_embeddings=False``, none with ``True``; by default, largest first, as
+    many as it takes for the pinned tensors plus two of the largest decoder layer
+    (the running one and the next) to fit the budget."""
+    pageable = sorted(pageable_ends(skeleton), key=lambda n: index.tensors[n].nbytes, reverse=True)
+    if pin_embeddings is not None:
+        return [] if pin_embeddings else pageable
+
+    def charge(name: str) -> int:
+        info = index.tensors[name]
+        return block_capacity(info.offset, info.nbytes)
+
+    pinned = sum(charge(n) for n in skeleton.resident_names)
+    layer = max(
+        (sum(charge(n) for n in names) for names in skeleton.layer_names.values()), default=0
+    )
+    paged: list[str] = []
+    for name in pageable:
+        if pinned + 2 * layer <= budget_bytes:
+            break
+        paged.append(name)
+        pinned -= charge(name)
+    return paged
+
+
+def _check_layer_fits(pager: Pager, skeleton: Skeleton, paged: Iterable[str] = ()) -> None:
     from .._errors import BudgetExceeded
 
-    pinned = sum(pager.charge_of(n) for n in skeleton.resident_names)
+    pinned = sum(pager.charge_of(n) for n in skeleton.resident_names if n not in set(paged))
     free = pager.budget_bytes - pinned
     for layer in skeleton.layer_modules:
         need = sum(pager.charge_of(n) for n in pager.layers[layer])

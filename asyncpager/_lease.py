@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import warnings
-from collections.abc import Coroutine, Generator
+from collections.abc import Awaitable, Coroutine, Generator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, final
 
@@ -127,11 +128,12 @@ class AcquireContext(Coroutine[Any, Any, _R], Generic[_R]):
     acquired on exit, as aiohttp's request context manager is.
 
     The hit fast path: a context made by ``Pager.acquire`` holds the pager, the
-    name and the timeout (``_pager``, ``_name``, ``_timeout``; ``_coro`` None; it
-    is built inline there, for speed), not a coroutine. When it is first driven (awaited, entered, sent to, or
-    run as a task) it asks the pager for a synchronous hit (``Pager._hit``: the
-    tensor is resident, the pager open, on its loop); only when that declines is the
-    coroutine of the general path created and run. Nothing is taken before the
+    name and the timeout (``_pager``, ``_name``, ``_timeout``, with ``_coro`` None;
+    built inline there, for speed), not a coroutine. When it is first driven
+    (awaited, entered, sent to, or run as a task) it asks the pager for a
+    synchronous hit (``Pager._hit``: the tensor is resident and the pager open);
+    only when that declines is the coroutine of the general path
+    (``Pager._acquire_one``) created and run. Nothing is taken before the
     context is driven, so a context never awaited holds no lease; driving it a
     second time raises ``RuntimeError`` as a reused coroutine does."""
 
@@ -203,11 +205,28 @@ class AcquireContext(Coroutine[Any, Any, _R], Generic[_R]):
         self._result = await coro
         return self._result
 
-    async def __aexit__(
+    def __aexit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> None:
+    ) -> Awaitable[None]:
+        # Not a coroutine function: release now and hand back a shared, already
+        # done future (a coroutine per exit was a tenth of a hit).
         if self._result is not None:
             self._result.release()
+        return _DONE if _DONE is not None else _make_done()
+
+
+_DONE: asyncio.Future[None] | None = None
+
+
+def _make_done() -> asyncio.Future[None]:
+    """The shared done future ``AcquireContext.__aexit__`` returns. Awaiting a done
+    future returns at once on any loop (nothing is scheduled on the loop it was
+    made on), so one serves every loop and thread."""
+    global _DONE
+    done = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    _DONE = done
+    return done

@@ -169,6 +169,8 @@ class AcquireContext(Coroutine[Any, Any, _R], Generic[_R]):
     def throw(self, typ: Any, val: Any = None, tb: TracebackType | None = None) -> Any:
         coro = self._coro
         if coro is None:
+            if self._pager is None:  # finished by a hit, or closed: as a done coroutine
+                raise val if val is not None else typ
             coro = self._general(self._pager)
         if val is None and tb is None:
             return coro.throw(typ)

@@ -212,3 +212,19 @@ def test_hits_after_the_loop_changed_never_lose_a_thread_release() -> None:
             runner.run(hits_only())
         assert p.lease_count("t0") == 0
         assert_invariants(p)
+
+
+async def test_throwing_into_a_context(make_pager: PagerFactory) -> None:
+    """Before it started: the general path raises at once and takes nothing; after a
+    hit finished it: raised as from a finished coroutine."""
+    _, p = await _resident(make_pager)
+    fresh = p.acquire("t0")
+    with pytest.raises(ValueError, match="before"):
+        fresh.throw(ValueError("before"))
+    assert p.lease_count("t0") == 0
+    done = p.acquire("t0")
+    lease = await done
+    with pytest.raises(ValueError, match="after"):
+        done.throw(ValueError("after"))
+    lease.release()
+    assert p.lease_count("t0") == 0

@@ -33,36 +33,38 @@ class Lease:
     when that object is still referenced elsewhere; evicted buffers are poisoned
     (filled with ``0xA5``), so a use after release reads garbage, not plausible data."""
 
-    __slots__ = ("_entry", "_pager", "array", "info")
+    __slots__ = ("_entry", "_pager", "array")
 
-    # ``Pager._hit`` builds leases inline (object.__new__ and these four slots) for
-    # speed: keep it in step with __init__. ``_entry`` is None once released.
+    # ``Pager._hit`` builds leases inline (object.__new__ and these three slots) for
+    # speed: keep it in step with __init__. ``_pager`` is None once released.
     def __init__(self, pager: Pager, entry: Entry) -> None:
-        self._pager = pager
-        self._entry: Entry | None = entry
+        self._pager: Pager | None = pager
+        self._entry = entry
         array = entry.array
         assert array is not None
         self.array: np.ndarray[Any, Any] = array.view() if pager._debug else array
-        self.info: TensorInfo = entry.info
+
+    @property
+    def info(self) -> TensorInfo:
+        return self._entry.info
 
     @property
     def name(self) -> str:
-        return self.info.name
+        return self._entry.name
 
     @property
     def released(self) -> bool:
-        return self._entry is None
+        return self._pager is None
 
     def release(self) -> None:
         """Give the tensor back (idempotent). Never raises, never blocks; safe to
         call from any thread (off the loop it is handed to the loop)."""
-        entry = self._entry
-        if entry is not None:
-            self._entry = None
-            pager = self._pager
+        pager = self._pager
+        if pager is not None:
+            self._pager = None
             if pager._debug:
                 self._check_unreferenced()
-            pager._release_entry(entry)
+            pager._release_entry(self._entry)
 
     def _check_unreferenced(self) -> None:
         # References: this lease's attribute and getrefcount's own argument.
@@ -89,7 +91,7 @@ class Lease:
         self.release()
 
     def __repr__(self) -> str:
-        state = "released" if self._entry is None else "held"
+        state = "released" if self._pager is None else "held"
         return f"<Lease {self.info.name} {self.info.dtype}{list(self.info.shape or ())} {state}>"
 
 

@@ -486,7 +486,6 @@ class Pager(PrefetchMixin, FlightMixin):
         lease._pager = self
         lease._entry = entry
         lease.array = entry.array.view() if self._debug else entry.array
-        lease.info = entry.info
         if sampled:
             samples = self._hit_samples
             samples.append(perf_counter_ns() - t0)

@@ -50,6 +50,14 @@ class LatencyHistogram:
         if ns > self.max_ns:
             self.max_ns = ns
 
+    def record_n(self, ns: int, n: int) -> None:
+        """Record ``n`` events of ``ns`` each."""
+        self._counts[_bucket(ns)] += n
+        self.count += n
+        self.total_ns += ns * n
+        if ns > self.max_ns:
+            self.max_ns = ns
+
     def percentile(self, q: float) -> float:
         """The ``q``-quantile (0..1) in seconds: the midpoint of its bucket, capped by
         the maximum seen. 0.0 when empty."""

@@ -379,6 +379,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
+    args.budget = _checkpoint_budget(args)
     code = _run(serve(args), args.loop)
     # Everything is closed by now; the interpreter's own teardown with torch and
     # transformers loaded took ~2 s here, past the shutdown bound (timeout + 1 s).
@@ -679,18 +680,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    # what needs no torch first: a missing or malformed checkpoint, a bad budget
+def _checkpoint_budget(args: argparse.Namespace) -> int:
+    """``--budget`` of ``generate``/``serve``: a size, or a share of the checkpoint's
+    bytes (``50%``). Reads the index first, so a missing or malformed checkpoint
+    fails here, before torch is imported."""
     index = read_index(args.model)
     budget = args.budget.strip()
     try:
-        args.budget_bytes = (
-            int(index.nbytes * float(budget[:-1]) / 100)
-            if budget.endswith("%")
-            else parse_size(budget)
-        )
+        return parse_budget(budget).resolve(index.nbytes)
     except ValueError as exc:
         raise UsageError(f"bad --budget {budget!r}: {exc}") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    args.budget_bytes = _checkpoint_budget(args)
     try:
         from .torch._cli import CliModelError, run_generate
     except ImportError as exc:

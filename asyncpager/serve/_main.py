@@ -28,7 +28,8 @@ log = logging.getLogger("asyncpager.serve")
 def add_arguments(p: argparse.ArgumentParser, size: Any, positive: Any, nonneg: Any) -> None:
     """The ``serve`` options (``size``/``positive``/``nonneg`` are the CLI's parsers)."""
     p.add_argument("model", type=Path, help="a Hugging Face checkpoint directory")
-    p.add_argument("--budget", type=size, required=True, help="RAM for weights, e.g. 300MiB")
+    p.add_argument("--budget", required=True,
+                   help="RAM for weights: a size (300MiB) or a share of the checkpoint (50%%)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
     p.add_argument("--port", type=nonneg, default=8000, help="0 picks a free port")
     p.add_argument("--prefetch", type=nonneg, default=1, help="layers to prefetch ahead")

@@ -399,12 +399,12 @@ class RowsMixin:
                 staged.append((i, j, pos, lo - alo))
                 pos += ahi - alo
             await self._source.read_runs_into(reads)
-            for i, j, pos, lead in staged:
+            total = pos  # every staged byte was read (aligned reads, padding included)
+            for i, j, at, lead in staged:
                 first = int(plan.unique[i])
                 span = (int(plan.unique[j - 1]) - first + 1) * rb
-                region = block[pos + lead : pos + lead + span].reshape(-1, rb)
+                region = block[at + lead : at + lead + span].reshape(-1, rb)
                 out2d[plan.slots[i:j]] = region[plan.unique[i:j] - first]
-            total = pos
             n_reads = len(reads)
         else:
             total, n_reads = await self._source.read_rows_into(

@@ -291,8 +291,13 @@ async def test_aligned_source_rows(make_pager: PagerFactory) -> None:
     rows = [2999, 0, 1500, 1501, 7, 1500, 2000]
     async with pager.acquire_rows("embed", rows) as lease:
         np.testing.assert_array_equal(lease.array, table[rows])
+    gathered = pager.stats().bytes_read
+    # every aligned read counts: at least one 4 KiB page per distinct row's run
+    assert gathered >= 4 * 4096
     seen = [b.array.copy() async for b in pager.row_blocks("embed", 700)]
     np.testing.assert_array_equal(np.concatenate(seen), table)
+    # streaming the whole tensor reads at least all of it, counted
+    assert pager.stats().bytes_read - gathered >= rows_n * row
 
 
 async def test_cancelled_at_every_step_leaves_nothing(

@@ -21,7 +21,15 @@ from ._lease import AcquireContext, Lease, LeaseGroup
 from ._open import HotSet, open
 from ._pager import Pager
 from ._request import RequestScope, RequestStats
-from ._sources import AiofilesSource, FileSource, MemorySource, MmapSource, MultiFileSource, Source
+from ._sources import (
+    AiofilesSource,
+    ConcatSource,
+    FileSource,
+    MemorySource,
+    MmapSource,
+    MultiFileSource,
+    Source,
+)
 from ._stats import LatencyHistogram, LatencySummary, PagerStats
 from ._tensor import TensorInfo
 
@@ -30,6 +38,8 @@ __all__ = [
     "AiofilesSource",
     "ArraySummary",
     "BudgetExceeded",
+    "ConcatSource",
+    "DiskCache",
     "FileSource",
     "FormatError",
     "HotSet",
@@ -42,6 +52,7 @@ __all__ = [
     "MmapSource",
     "ModelIndex",
     "MultiFileSource",
+    "ObjectStoreSource",
     "Pager",
     "PagerClosed",
     "PagerError",
@@ -56,3 +67,12 @@ __all__ = [
     "read_index",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # The object-store classes import obstore (the 'remote' extra) only when used.
+    if name in ("ObjectStoreSource", "DiskCache"):
+        from . import _remote
+
+        return getattr(_remote, name)
+    raise AttributeError(f"module 'asyncpager' has no attribute {name!r}")

@@ -1,0 +1,663 @@
+"""Weights in object storage: S3, GCS, Azure and HTTP(S) through ``obstore``.
+
+- :class:`ObjectLocation` / :class:`ObjectReader`: the header of a remote model read
+  with ranged GETs of a window that grows (doubling, 512 KiB to 4 MiB), so opening a
+  10 GB checkpoint fetches about its header, not the checkpoint.
+- :class:`ObjectStoreSource`: the pager's Source over one object, ranged reads split
+  into ``chunk_bytes`` pieces of which at most ``concurrency`` are in flight.
+- :class:`DiskCache`: chunks kept on local disk per object and version.
+
+Invariants:
+
+- A source's object version (ETag) is fixed when it is opened; every GET carries
+  ``If-Match`` with it and its answer's ETag is compared too, so a replaced object
+  is refused (``SourceError``), never mixed with bytes of the old one.
+- Transient failures (5xx, dropped connections, timeouts, short bodies) are retried
+  ``retries`` times with exponential backoff, then raise ``SourceError`` naming the
+  object, the byte range and the cause. A missing object, refused credentials or a
+  changed version are not retried.
+- A destination buffer is written only on the event loop by the task that awaits
+  the read (or by executor jobs it waits for), so nothing writes into it after
+  ``read_into``/``readv_into`` has returned or raised, cancellation included.
+- Credentials come from ``storage_options`` or the environment; they are never part
+  of a repr, an error message or a log line (only the URL without user info or
+  query string is).
+- The disk cache never serves a chunk that is not whole: a chunk is written to a
+  temporary file then renamed (atomic), and a chunk file of the wrong size is
+  ignored; renames and evictions run under an exclusive ``flock`` on the cache
+  directory, so processes sharing it never corrupt it, and its size stays within
+  ``cache_bytes``. A failed write (a full disk) logs one warning and the read is
+  served from the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import functools
+import hashlib
+import logging
+import os
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from ._errors import SourceError
+from ._executor import PriorityThreadPool
+from ._formats._reader import ByteReader, Location, ObjectURL
+from ._sources import Source, _preadv_exact, _run_all
+
+__all__ = [
+    "DEFAULT_CONCURRENCY",
+    "DEFAULT_REMOTE_CHUNK_BYTES",
+    "DiskCache",
+    "ObjectLocation",
+    "ObjectStoreSource",
+    "RemoteStats",
+    "remote_location",
+]
+
+_log = logging.getLogger("asyncpager")
+
+#: Defaults measured by scripts/bench_remote.py (and Run:ai's streamer uses the
+#: same 8 x 8 MiB against S3): large enough that per-request overhead is small,
+#: enough in flight to hide one request's latency.
+DEFAULT_REMOTE_CHUNK_BYTES = 8 << 20
+DEFAULT_CONCURRENCY = 8
+_HEADER_WINDOW = 512 << 10
+_HEADER_WINDOW_MAX = 4 << 20
+
+_SCHEMES = {"s3": "s3", "s3a": "s3", "gs": "gs", "az": "az", "abfs": "az", "abfss": "az"}
+_SCHEMES |= {"azure": "az", "http": "http", "https": "http"}
+_CREDENTIAL_ENV = {
+    "s3": ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+           "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI"),
+    "gs": ("GOOGLE_SERVICE_ACCOUNT", "GOOGLE_SERVICE_ACCOUNT_PATH", "GOOGLE_SERVICE_ACCOUNT_KEY",
+           "GOOGLE_APPLICATION_CREDENTIALS"),
+    "az": ("AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_ACCESS_KEY", "AZURE_STORAGE_SAS_KEY",
+           "AZURE_STORAGE_TOKEN", "AZURE_CLIENT_SECRET", "AZURE_FEDERATED_TOKEN_FILE",
+           "AZURE_STORAGE_USE_EMULATOR"),
+}  # fmt: skip
+_CREDENTIAL_KEYS = re.compile(
+    r"(access_key|secret|token|session|sas|service_account|skip_signature|use_emulator|"
+    r"credential|bearer|client_id)",
+    re.IGNORECASE,
+)
+#: Options that are ours, not the store's.
+_OUR_OPTIONS = ("client_options", "allow_instance_metadata")
+
+
+def display_url(url: str) -> ObjectURL:
+    """``url`` without user info, query or fragment (where credentials may hide)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return ObjectURL(urlunsplit((parts.scheme, host, parts.path, "", "")))
+
+
+def _clean(exc: BaseException, secrets_: Sequence[str]) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    for s in secrets_:
+        if s:
+            text = text.replace(s, "***")
+    text = text.splitlines()[0] if text else text
+    return text[:300]
+
+
+@dataclass(slots=True)
+class _Store:
+    """A store at the root of a bucket/container/host, and what is secret about it."""
+
+    store: Any
+    scheme: str
+    root: str  # the display URL of the store root, with a trailing "/"
+    secrets: tuple[str, ...]
+
+
+@functools.cache
+def _import_obstore() -> Any:
+    try:
+        import obstore
+    except ImportError as exc:  # pragma: no cover - the 'remote' extra is missing
+        raise SourceError(
+            "reading from object storage needs obstore: pip install 'asyncpager[remote]'"
+        ) from exc
+    return obstore
+
+
+def _make_store(url: str, storage_options: Mapping[str, Any] | None) -> tuple[_Store, str]:
+    """The store for ``url`` and the object key inside it."""
+    obstore = _import_obstore()
+    from obstore.store import AzureStore, GCSStore, HTTPStore, S3Store
+
+    parts = urlsplit(url)
+    scheme = _SCHEMES.get(parts.scheme.lower())
+    if scheme is None:
+        raise ValueError(f"unsupported URL scheme {parts.scheme!r} in {display_url(url)}")
+    options = dict(storage_options or {})
+    client: Any = dict(options.pop("client_options", None) or {})
+    allow_imds = bool(options.pop("allow_instance_metadata", False))
+    secrets_ = tuple(str(v) for k, v in options.items() if _CREDENTIAL_KEYS.search(k) and v)
+    secrets_ += tuple(s for s in (parts.password, parts.query) if s)
+    endpoint = str(options.get("endpoint", options.get("aws_endpoint", "")))
+    if scheme == "http" or endpoint.startswith("http://"):
+        client.setdefault("allow_http", True)
+    client.setdefault("connect_timeout", timedelta(seconds=10))
+    retry: Any = {"max_retries": 0}  # we retry ourselves, so the policy is visible and tested
+    key = parts.path.lstrip("/")
+    if scheme != "http":
+        _check_credentials(scheme, options, allow_imds, display_url(url))
+    store: Any
+    try:
+        if scheme == "s3":
+            store = S3Store(parts.netloc, client_options=client, retry_config=retry, **options)
+        elif scheme == "gs":
+            store = GCSStore(parts.netloc, client_options=client, retry_config=retry, **options)
+        elif scheme == "az":
+            store = AzureStore(parts.netloc, client_options=client, retry_config=retry, **options)
+        else:
+            root = urlunsplit((parts.scheme, parts.netloc, "", parts.query, ""))
+            store = HTTPStore.from_url(root, client_options=client, retry_config=retry)
+    except (obstore.exceptions.BaseError, ValueError, TypeError) as exc:
+        raise SourceError(
+            f"{display_url(url)}: cannot configure the store: {_clean(exc, secrets_)}"
+        ) from None
+    root = display_url(urlunsplit((parts.scheme, parts.netloc, "/", "", "")))
+    return _Store(store, scheme, root, secrets_), key
+
+
+def _check_credentials(
+    scheme: str, options: Mapping[str, Any], allow_imds: bool, url: ObjectURL
+) -> None:
+    """Refuse at open, with a message saying where credentials come from, when none
+    are given: otherwise the store would fall back to a cloud metadata endpoint and
+    fail later, slowly and obscurely."""
+    if allow_imds or any(_CREDENTIAL_KEYS.search(k) for k in options):
+        return
+    names = _CREDENTIAL_ENV[scheme]
+    if any(os.environ.get(n) for n in names):
+        return
+    raise SourceError(
+        f"{url}: no credentials for {scheme}://: set one of {', '.join(names)} in the "
+        "environment, or pass them in storage_options (or skip_signature=True for a "
+        "public bucket; allow_instance_metadata=True to use the cloud's metadata service)"
+    )
+
+
+class ObjectReader(ByteReader):
+    """Ranged reads of one object at one version (ETag fixed by the HEAD at open)."""
+
+    def __init__(self, store: _Store, key: str, name: ObjectURL) -> None:
+        super().__init__()
+        self._store = store
+        self._key = key
+        self.name = self.url = name
+        self.window = _HEADER_WINDOW
+        meta = _sync_call(store, name, None, lambda ob: ob.head(store.store, key))
+        self.size = int(meta["size"])
+        self.etag: str | None = meta.get("e_tag")
+
+    def _read(self, offset: int, length: int) -> bytes:
+        end = min(offset + length, self.size)
+        if end <= offset:
+            return b""
+        options: dict[str, Any] = {"range": (offset, end)}
+        if self.etag is not None:
+            options["if_match"] = self.etag
+        rng = (offset, end)
+
+        def get(ob: Any) -> bytes:
+            result = ob.get(self._store.store, self._key, options=options)
+            _check_etag(self.url, self.etag, result.meta.get("e_tag"), rng)
+            data: bytes = bytes(result.bytes())
+            return data
+
+        data: bytes = _sync_call(self._store, self.url, rng, get)
+        self.window = min(self.window * 2, _HEADER_WINDOW_MAX)  # fewer round trips
+        return data
+
+
+def _check_etag(name: ObjectURL, pinned: str | None, now: str | None, rng: tuple[int, int]) -> None:
+    if pinned is not None and now is not None and now != pinned:
+        raise SourceError(
+            f"{name}: bytes {rng[0]}..{rng[1]}: the object changed since it was opened "
+            f"(ETag {now}, opened at {pinned}); reopen the model to read the new version"
+        )
+
+
+def _sync_call(store: _Store, name: ObjectURL, rng: tuple[int, int] | None, call: Any) -> Any:
+    """One blocking store call (header reads at open), errors as SourceError."""
+    obstore = _import_obstore()
+    try:
+        return call(obstore)
+    except SourceError:
+        raise
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "no such object", str(name)) from None
+    except (obstore.exceptions.BaseError, OSError, ValueError, RuntimeError) as exc:
+        where = f"bytes {rng[0]}..{rng[1]}" if rng else "HEAD"
+        raise SourceError(f"{name}: {where}: {_clean(exc, store.secrets)}") from None
+
+
+class ObjectLocation(Location):
+    """An object (or a key prefix, for a sharded checkpoint) in a store."""
+
+    def __init__(self, store: _Store, key: str, opened: dict[str, ObjectReader]) -> None:
+        self.store = store
+        self.key = key
+        self.name = self.url = ObjectURL(store.root + key)
+        self.opened = opened  # key -> the reader that fixed its size and ETag
+
+    def open_reader(self) -> ByteReader:
+        reader = self.opened.get(self.key)
+        if reader is None:
+            reader = ObjectReader(self.store, self.key, self.url)
+            self.opened[self.key] = reader
+        return reader
+
+    def sibling(self, relative: str) -> Location:
+        parent = self.key.rsplit("/", 1)[0] + "/" if "/" in self.key else ""
+        return ObjectLocation(self.store, parent + relative, self.opened)
+
+    def child(self, name: str) -> Location:
+        prefix = self.key if self.key.endswith("/") or not self.key else self.key + "/"
+        return ObjectLocation(self.store, prefix + name, self.opened)
+
+    def is_file(self) -> bool:
+        if not self.key or self.key.endswith("/"):
+            return False
+        try:
+            self.open_reader()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def is_dir(self) -> bool:
+        return not self.is_file()
+
+
+def remote_location(url: str, storage_options: Mapping[str, Any] | None = None) -> ObjectLocation:
+    store, key = _make_store(url, storage_options)
+    return ObjectLocation(store, key, {})
+
+
+# -- the disk cache ---------------------------------------------------------
+
+
+class DiskCache:
+    """Chunks of objects on local disk, ``root/<object+version digest>/<k>.chunk``,
+    within ``max_bytes`` (least recently used evicted first; a hit refreshes mtime)."""
+
+    def __init__(self, root: str | os.PathLike[str], max_bytes: int | None = None) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self._warned = False
+        self._lock_path = self.root / ".lock"
+
+    def object_dir(self, url: str, etag: str | None, size: int, chunk_bytes: int) -> Path:
+        digest = hashlib.sha256(f"{url}\0{etag}\0{size}\0{chunk_bytes}".encode()).hexdigest()
+        return self.root / digest[:32]
+
+    def usage(self) -> int:
+        """Bytes of chunk files in the cache (all objects)."""
+        return sum(size for _, _, size in self._chunks())
+
+    def _chunks(self) -> list[tuple[float, Path, int]]:
+        found: list[tuple[float, Path, int]] = []
+        with contextlib.suppress(FileNotFoundError):
+            for obj in os.scandir(self.root):
+                if not obj.is_dir():
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    for entry in os.scandir(obj.path):
+                        if entry.name.endswith(".chunk"):
+                            with contextlib.suppress(FileNotFoundError):
+                                st = entry.stat()
+                                found.append((st.st_mtime, Path(entry.path), st.st_size))
+        return found
+
+    def read(self, path: Path, length: int, local: int, outs: Sequence[memoryview]) -> bool:
+        """Blocking: fill ``outs`` from the chunk file at ``local``; False on a miss
+        (absent, evicted meanwhile, or not whole)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return False
+        try:
+            if os.fstat(fd).st_size != length:
+                return False
+            _preadv_exact(fd, outs, local, local + sum(o.nbytes for o in outs) + 1)
+            with contextlib.suppress(OSError):
+                os.utime(fd)
+            return True
+        finally:
+            os.close(fd)
+
+    def write(self, path: Path, data: memoryview) -> None:
+        """Blocking: add a chunk (temp file + rename, under the directory lock),
+        evicting least recently used chunks to stay within ``max_bytes``. Never
+        raises: a failure (ENOSPC...) logs one warning and leaves the cache as it was."""
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            if self.max_bytes is not None and data.nbytes > self.max_bytes:
+                return
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._write_file(tmp, data)
+            with self._locked():
+                self._evict_for(data.nbytes, keep=path)
+                os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if not self._warned:
+                self._warned = True
+                _log.warning(
+                    "disk cache %s: cannot store a chunk (%s); reading from the store instead",
+                    self.root,
+                    os.strerror(exc.errno) if exc.errno else exc,
+                )
+
+    def _write_file(self, tmp: Path, data: memoryview) -> None:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0))
+        try:
+            view = data
+            while view.nbytes:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Any:
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _evict_for(self, nbytes: int, keep: Path) -> None:
+        if self.max_bytes is None:
+            return
+        chunks = self._chunks()
+        used = sum(size for _, _, size in chunks)
+        chunks.sort()
+        for _, path, size in chunks:
+            if used + nbytes <= self.max_bytes:
+                break
+            if path == keep:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            used -= size
+
+
+# -- the source -------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class RemoteStats:
+    """What a source fetched: bytes and GETs from the store, bytes from the cache."""
+
+    fetched_bytes: int = 0
+    requests: int = 0
+    retries: int = 0
+    cache_hit_bytes: int = 0
+    cache_miss_bytes: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+class ObjectStoreSource(Source):
+    """One object in S3/GCS/Azure/HTTP(S), read with concurrent ranged GETs.
+
+    A read of ``n`` bytes is split into pieces of ``chunk_bytes``; at most
+    ``concurrency`` GETs are in flight per source. Each GET carries the ETag fixed at
+    open (``If-Match``); transient errors are retried ``retries`` times with backoff
+    from ``backoff`` seconds, a GET taking longer than ``timeout`` seconds counts as
+    one. With ``cache_dir``, whole ``chunk_bytes``-aligned chunks are fetched and
+    kept in a :class:`DiskCache` (``cache_bytes`` at most), and later reads of them —
+    in this process or another — are ``preadv`` calls on the cached files.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        chunk_bytes: int = DEFAULT_REMOTE_CHUNK_BYTES,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        retries: int = 3,
+        backoff: float = 0.05,
+        timeout: float = 60.0,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_bytes: int | None = None,
+        io_workers: int = 2,
+        _reader: ObjectReader | None = None,
+    ) -> None:
+        if chunk_bytes <= 0 or concurrency <= 0 or retries < 0:
+            raise ValueError("chunk_bytes and concurrency must be positive, retries >= 0")
+        if _reader is None:
+            store, key = _make_store(url, storage_options)
+            _reader = ObjectReader(store, key, display_url(url))
+        self._reader = _reader
+        self._store = _reader._store
+        self._key = _reader._key
+        self.url = _reader.url
+        self.size = _reader.size
+        self.etag = _reader.etag
+        self.chunk_bytes = chunk_bytes
+        self.concurrency = concurrency
+        self.retries = retries
+        self.backoff = backoff
+        self.timeout = timeout
+        self.stats = RemoteStats()
+        self._slots: asyncio.Semaphore | None = None
+        self._closed = False
+        self.executor = PriorityThreadPool(io_workers, "asyncpager-remote")
+        self.prioritized = False
+        self.cache = DiskCache(cache_dir, cache_bytes) if cache_dir is not None else None
+        self._cache_dir = (
+            self.cache.object_dir(self.url, self.etag, self.size, chunk_bytes)
+            if self.cache is not None
+            else None
+        )
+        self._chunk_fetches: dict[int, asyncio.Future[memoryview]] = {}
+        self._writes: set[Any] = set()
+
+    # -- fetching -------------------------------------------------------------
+
+    async def _get(self, start: int, end: int) -> memoryview:
+        """Bytes ``[start, end)`` of the object at the pinned version, retried."""
+        obstore = _import_obstore()
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.concurrency)
+        options: dict[str, Any] = {"range": (start, end)}
+        if self.etag is not None:
+            options["if_match"] = self.etag
+        last: BaseException | None = None
+        for attempt in range(self.retries + 1):
+            if self._closed:
+                raise SourceError(f"{self.url}: source is closed")
+            try:
+                async with self._slots:
+                    async with asyncio.timeout(self.timeout):
+                        self.stats.requests += 1
+                        result = await obstore.get_async(
+                            self._store.store, self._key, options=options
+                        )
+                        _check_etag(self.url, self.etag, result.meta.get("e_tag"), (start, end))
+                        data = memoryview(await result.bytes_async())
+                if data.nbytes != end - start:
+                    raise EOFError(f"short body: {data.nbytes} of {end - start} bytes")
+                self.stats.fetched_bytes += data.nbytes
+                return data
+            except SourceError:
+                raise
+            except obstore.exceptions.PreconditionError:
+                _check_etag(self.url, self.etag, "<another version>", (start, end))
+                raise  # pragma: no cover - _check_etag raised
+            except (FileNotFoundError, obstore.exceptions.PermissionDeniedError,
+                    obstore.exceptions.UnauthenticatedError) as exc:  # fmt: skip
+                raise SourceError(
+                    f"{self.url}: bytes {start}..{end}: {_clean(exc, self._store.secrets)}"
+                ) from None
+            except (obstore.exceptions.BaseError, OSError, EOFError, TimeoutError,
+                    RuntimeError, ValueError) as exc:  # fmt: skip
+                last = exc
+                if attempt < self.retries:
+                    self.stats.retries += 1
+                    await asyncio.sleep(self.backoff * 2**attempt)
+        assert last is not None
+        cause = _clean(last, self._store.secrets)
+        self.stats.failures.append(cause)
+        raise SourceError(
+            f"{self.url}: bytes {start}..{end}: failed after {self.retries + 1} attempts: {cause}"
+        ) from None
+
+    # -- the Source contract --------------------------------------------------
+
+    async def read_into(self, offset: int, out: memoryview) -> None:
+        await self.readv_into(offset, (out,))
+
+    async def readv_into(self, offset: int, outs: Sequence[memoryview]) -> None:
+        total = sum(o.nbytes for o in outs)
+        self._check_range(offset, total)
+        if self._closed:
+            raise SourceError(f"{self.url}: source is closed")
+        if total == 0:
+            return
+        if self.cache is None:
+            pieces = _pieces(offset, outs, lambda at: at + self.chunk_bytes)
+        else:
+            c = self.chunk_bytes
+            pieces = _pieces(offset, outs, lambda at: (at // c + 1) * c)
+        async with asyncio.TaskGroup() as group:
+            for start, views in pieces:
+                fill = self._fill_cached if self.cache is not None else self._fill
+                group.create_task(fill(start, views), name=f"asyncpager:remote-read@{start}")
+
+    async def _fill(self, start: int, views: list[memoryview]) -> None:
+        data = await self._get(start, start + sum(v.nbytes for v in views))
+        _scatter(data, views)
+
+    async def _fill_cached(self, start: int, views: list[memoryview]) -> None:
+        """Fill ``views`` (bytes from ``start``, inside one aligned chunk) from the
+        disk cache, or fetch the whole chunk, serve it, and store it."""
+        c = self.chunk_bytes
+        k = start // c
+        length = min(c, self.size - k * c)
+        local = start - k * c
+        need = sum(v.nbytes for v in views)
+        assert self._cache_dir is not None
+        assert self.cache is not None
+        path = self._cache_dir / f"{k:08d}.chunk"
+        executor = self.executor
+        assert executor is not None
+        pending = self._chunk_fetches.get(k)
+        if pending is None:
+            hit = (
+                await _run_all(
+                    executor, [functools.partial(self.cache.read, path, length, local, views)]
+                )
+            )[0]
+            if hit:
+                self.stats.cache_hit_bytes += need
+                return
+            pending = self._chunk_fetches.get(k)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            self._chunk_fetches[k] = pending
+            try:
+                chunk = await self._get(k * c, k * c + length)
+            except BaseException as exc:
+                if isinstance(exc, Exception):
+                    pending.set_exception(exc)
+                    pending.exception()  # retrieved: waiters re-raise it themselves
+                else:
+                    pending.cancel()
+                raise
+            finally:
+                self._chunk_fetches.pop(k, None)
+            pending.set_result(chunk)
+            self.stats.cache_miss_bytes += length
+            self._store_chunk(path, chunk)
+        else:
+            chunk = await asyncio.shield(pending)
+        _scatter(chunk[local : local + need], views)
+
+    def _store_chunk(self, path: Path, chunk: memoryview) -> None:
+        assert self.cache is not None
+        assert self.executor is not None
+        with contextlib.suppress(RuntimeError):  # closing: the chunk is simply not kept
+            job = self.executor.submit(self.cache.write, path, chunk)
+            self._writes.add(job)
+            job.add_done_callback(self._writes.discard)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)  # cache writes finish: chunks are kept
+
+    def __repr__(self) -> str:
+        cache = f", cache_dir={str(self.cache.root)!r}" if self.cache is not None else ""
+        return f"ObjectStoreSource({str(self.url)!r}{cache})"
+
+
+def _pieces(
+    offset: int, outs: Sequence[memoryview], next_cut: Any
+) -> list[tuple[int, list[memoryview]]]:
+    """Cut a scatter read at the offsets ``next_cut(at)`` gives, slicing (never
+    copying) the destination buffers: ``[(start, views), ...]``."""
+    pieces: list[tuple[int, list[memoryview]]] = []
+    at = offset
+    cut = next_cut(at)
+    views: list[memoryview] = []
+    start = at
+    for out in outs:
+        view = out
+        while view.nbytes:
+            take = min(view.nbytes, cut - at)
+            views.append(view[:take])
+            view = view[take:]
+            at += take
+            if at == cut:
+                pieces.append((start, views))
+                views, start, cut = [], at, next_cut(at)
+    if views:
+        pieces.append((start, views))
+    return pieces
+
+
+def _scatter(data: memoryview, views: Sequence[memoryview]) -> None:
+    pos = 0
+    for v in views:
+        v[:] = data[pos : pos + v.nbytes]
+        pos += v.nbytes
+
+
+def open_remote_sources(
+    location: ObjectLocation, keys: Sequence[tuple[ObjectURL, int]], **options: Any
+) -> list[ObjectStoreSource]:
+    """Sources over the objects of an index read through ``location``, each pinned to
+    the version (size, ETag) its header was read at."""
+    root = location.store.root
+    sources: list[ObjectStoreSource] = []
+    for url, size in keys:
+        key = str(url)[len(root) :]
+        reader = location.opened.get(key)
+        if reader is None:  # pragma: no cover - every indexed file was read
+            reader = ObjectReader(location.store, key, url)
+        if reader.size != size:  # pragma: no cover - the reader fixed both
+            raise SourceError(f"{url}: size changed from {size} to {reader.size}")
+        sources.append(ObjectStoreSource(str(url), _reader=reader, **options))
+    return sources

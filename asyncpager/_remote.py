@@ -52,6 +52,7 @@ from urllib.parse import urlsplit, urlunsplit
 from ._errors import SourceError
 from ._executor import PriorityThreadPool
 from ._formats._reader import ByteReader, Location, ObjectURL
+from ._formats._sharded import INDEX_FILE_NAME
 from ._sources import Source, _preadv_exact, _run_all
 
 __all__ = [
@@ -281,7 +282,12 @@ class ObjectLocation(Location):
         return True
 
     def is_dir(self) -> bool:
-        return not self.is_file()
+        """A key prefix: ends with '/', or is no object but holds a checkpoint."""
+        if not self.key or self.key.endswith("/"):
+            return True
+        if self.is_file():
+            return False
+        return any(self.child(n).is_file() for n in (INDEX_FILE_NAME, "model.safetensors"))
 
 
 def remote_location(url: str, storage_options: Mapping[str, Any] | None = None) -> ObjectLocation:
@@ -509,12 +515,14 @@ class ObjectStoreSource(Source):
                 raise SourceError(
                     f"{self.url}: bytes {start}..{end}: {_clean(exc, self._store.secrets)}"
                 ) from None
-            except (obstore.exceptions.BaseError, OSError, EOFError, TimeoutError,
+            except TimeoutError:
+                last = TimeoutError(f"no answer within {self.timeout:g} s")
+            except (obstore.exceptions.BaseError, OSError, EOFError,
                     RuntimeError, ValueError) as exc:  # fmt: skip
                 last = exc
-                if attempt < self.retries:
-                    self.stats.retries += 1
-                    await asyncio.sleep(self.backoff * 2**attempt)
+            if attempt < self.retries:
+                self.stats.retries += 1
+                await asyncio.sleep(self.backoff * 2**attempt)
         assert last is not None
         cause = _clean(last, self._store.secrets)
         self.stats.failures.append(cause)
@@ -539,10 +547,14 @@ class ObjectStoreSource(Source):
         else:
             c = self.chunk_bytes
             pieces = _pieces(offset, outs, lambda at: (at // c + 1) * c)
-        async with asyncio.TaskGroup() as group:
-            for start, views in pieces:
-                fill = self._fill_cached if self.cache is not None else self._fill
-                group.create_task(fill(start, views), name=f"asyncpager:remote-read@{start}")
+        fill = self._fill_cached if self.cache is not None else self._fill
+        if len(pieces) == 1:
+            await fill(*pieces[0])
+            return
+        tasks = [
+            asyncio.ensure_future(fill(start, views)) for start, views in pieces
+        ]  # at most `concurrency` of them GET at once (the semaphore in _get)
+        await _all_or_first_error(tasks)
 
     async def _fill(self, start: int, views: list[memoryview]) -> None:
         data = await self._get(start, start + sum(v.nbytes for v in views))
@@ -611,6 +623,28 @@ class ObjectStoreSource(Source):
     def __repr__(self) -> str:
         cache = f", cache_dir={str(self.cache.root)!r}" if self.cache is not None else ""
         return f"ObjectStoreSource({str(self.url)!r}{cache})"
+
+
+async def _all_or_first_error(tasks: list[asyncio.Future[None]]) -> None:
+    """Wait for every task; on the first error (or our cancellation) cancel the rest
+    and wait for them too — none may write into a buffer after we return — then
+    raise that error (not an ExceptionGroup: callers catch SourceError)."""
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.wait(tasks)
+        raise
+    failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
+    if failed:
+        for t in tasks:
+            t.cancel()
+        await asyncio.wait(tasks)
+        for t in tasks:  # mark every outcome retrieved
+            if not t.cancelled():
+                t.exception()
+        raise failed[0].exception()  # type: ignore[misc]
 
 
 def _pieces(

@@ -108,14 +108,14 @@ class RangeServer:
         await resp.prepare(request)
         if self.faults.drop_next > 0:
             self.faults.drop_next -= 1
-            await resp.write(data[: len(data) // 2])
             self.log.append(Served("GET", rel, range_header, -1, len(data) // 2))
+            await resp.write(data[: len(data) // 2])
             assert request.transport is not None
             request.transport.close()
             return resp
-        await resp.write(data)
+        self.log.append(Served("GET", rel, range_header, status, len(data)))  # before the
+        await resp.write(data)  # client can see the answer, so a test reading the log has it
         await resp.write_eof()
-        self.log.append(Served("GET", rel, range_header, status, len(data)))
         return resp
 
     def start(self) -> RangeServer:

@@ -42,7 +42,7 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -476,7 +476,6 @@ class ObjectStoreSource(Source):
             else None
         )
         self._chunk_fetches: dict[int, asyncio.Future[memoryview]] = {}
-        self._writes: set[Any] = set()
 
     # -- fetching -------------------------------------------------------------
 
@@ -590,28 +589,32 @@ class ObjectStoreSource(Source):
             try:
                 chunk = await self._get(k * c, k * c + length)
             except BaseException as exc:
+                self._chunk_fetches.pop(k, None)
                 if isinstance(exc, Exception):
                     pending.set_exception(exc)
                     pending.exception()  # retrieved: waiters re-raise it themselves
                 else:
                     pending.cancel()
                 raise
-            finally:
-                self._chunk_fetches.pop(k, None)
             pending.set_result(chunk)
             self.stats.cache_miss_bytes += length
-            self._store_chunk(path, chunk)
+            # Readers of chunk k keep getting these bytes from memory until the file
+            # is in place (or its write failed): a chunk is fetched once per process.
+            self._store_chunk(path, chunk, lambda: self._chunk_fetches.pop(k, None))
         else:
             chunk = await asyncio.shield(pending)
         _scatter(chunk[local : local + need], views)
 
-    def _store_chunk(self, path: Path, chunk: memoryview) -> None:
+    def _store_chunk(self, path: Path, chunk: memoryview, written: Callable[[], object]) -> None:
         assert self.cache is not None
         assert self.executor is not None
-        with contextlib.suppress(RuntimeError):  # closing: the chunk is simply not kept
+        loop = asyncio.get_running_loop()
+        try:
             job = self.executor.submit(self.cache.write, path, chunk)
-            self._writes.add(job)
-            job.add_done_callback(self._writes.discard)
+        except RuntimeError:  # closing: the chunk is simply not kept
+            written()
+            return
+        job.add_done_callback(lambda _: _call_soon(loop, written))
 
     def close(self) -> None:
         if self._closed:
@@ -625,12 +628,12 @@ class ObjectStoreSource(Source):
         return f"ObjectStoreSource({str(self.url)!r}{cache})"
 
 
-async def _all_or_first_error(tasks: list[asyncio.Future[None]]) -> None:
+async def _all_or_first_error(tasks: Sequence[asyncio.Future[None]]) -> None:
     """Wait for every task; on the first error (or our cancellation) cancel the rest
     and wait for them too — none may write into a buffer after we return — then
     raise that error (not an ExceptionGroup: callers catch SourceError)."""
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     except BaseException:
         for t in tasks:
             t.cancel()
@@ -645,6 +648,11 @@ async def _all_or_first_error(tasks: list[asyncio.Future[None]]) -> None:
             if not t.cancelled():
                 t.exception()
         raise failed[0].exception()  # type: ignore[misc]
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], object]) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop has closed: nothing to update
+        loop.call_soon_threadsafe(fn)
 
 
 def _pieces(

@@ -26,7 +26,9 @@ class Faults:
     fail_next: int = 0  # answer 500
     drop_next: int = 0  # send half the body, then close the connection
     delay: float = 0.0  # seconds before answering every GET
-    hold: threading.Event | None = None  # GETs wait until it is set
+    hold: threading.Event | None = None  # GETs wait until it is set...
+    hold_after: int = 0  # ...once this many GETs have been answered
+    gets: int = 0
 
 
 @dataclass
@@ -78,7 +80,8 @@ class RangeServer:
         }
         if request.method == "GET":
             faults = self.faults
-            if faults.hold is not None:
+            faults.gets += 1
+            if faults.hold is not None and faults.gets > faults.hold_after:
                 await asyncio.get_running_loop().run_in_executor(None, faults.hold.wait)
             if faults.delay:
                 await asyncio.sleep(faults.delay)

@@ -31,6 +31,7 @@ from . import __version__
 from ._decode import DecodeResult, run_decode
 from ._errors import BudgetExceeded, FormatError, SourceError
 from ._formats import ModelIndex, read_index
+from ._formats._open import is_url
 from ._open import open as open_model
 from ._plot import RunPicture, matplotlib_available, plot_runs
 from ._report import (
@@ -43,7 +44,7 @@ from ._report import (
     load_overlap,
     token_starts,
 )
-from ._sizes import Budget, format_size, parse_budget
+from ._sizes import Budget, format_size, parse_budget, parse_size
 from ._synth import write_synthetic_gguf
 
 __all__ = ["main"]
@@ -79,6 +80,13 @@ def _layer_bytes(index: ModelIndex) -> int:
 def _budget_arg(text: str) -> Budget:
     try:
         return parse_budget(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -160,6 +168,8 @@ class RunConfig:
     compute: str = "sleep"
     direct_io: bool = False
     trace: bool = False
+    #: For a URL: storage_options, cache_dir, cache_bytes (ap.open's keywords).
+    remote: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -204,12 +214,13 @@ async def _decode(
 
     async with open_model(
         index.path,
-        index=index,
+        index=None if config.remote else index,
         budget_bytes=config.budget_bytes,
         prefetch_depth=config.prefetch,
         policy=config.policy,
         direct_io=config.direct_io,
         trace=config.trace,
+        **config.remote,
     ) as pager:
         largest = max(sum(pager.charge_of(n) for n in names) for names in pager.layers.values())
         if largest > config.budget_bytes:
@@ -268,8 +279,30 @@ _RESULT_HEADERS = (
 # ---------------------------------------------------------------------- commands
 
 
+def _remote_options(args: argparse.Namespace) -> dict[str, Any]:
+    """ap.open's object-storage keywords from --storage-option/--cache-dir/--cache-bytes;
+    empty for a local model (where they are refused)."""
+    storage = dict(getattr(args, "storage_option", None) or [])
+    cache_dir = getattr(args, "cache_dir", None)
+    cache_bytes = getattr(args, "cache_bytes", None)
+    if not is_url(args.model):
+        if storage or cache_dir is not None:
+            raise UsageError("--storage-option and --cache-dir apply to URLs, not local files")
+        return {}
+    options: dict[str, Any] = {"storage_options": storage or None}
+    if cache_dir is not None:
+        options.update(cache_dir=cache_dir, cache_bytes=cache_bytes)
+    return options
+
+
+def _read_index(args: argparse.Namespace) -> ModelIndex:
+    storage = dict(getattr(args, "storage_option", None) or [])
+    return read_index(args.model, storage_options=storage or None)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
-    index = read_index(args.model)
+    _remote_options(args)
+    index = _read_index(args)
     if args.json:
         print(json.dumps(describe_index(index, largest=args.top), indent=2))
     else:
@@ -294,6 +327,7 @@ def _bench_config(args: argparse.Namespace, index: ModelIndex, trace: bool) -> R
         compute=args.compute,
         direct_io=args.direct_io,
         trace=trace,
+        remote=_remote_options(args),
     )
 
 
@@ -331,7 +365,7 @@ def _bench_json(args: argparse.Namespace, index: ModelIndex, o: RunOutcome) -> d
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    index = read_index(args.model)
+    index = _read_index(args)
     config = _bench_config(args, index, trace=False)
     progress = Progress(_PROG + " bench", 1, stream=sys.stderr, enabled=not args.quiet)
     try:
@@ -355,7 +389,7 @@ def _check_writable(path: str) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    index = read_index(args.model)
+    index = _read_index(args)
     config = _bench_config(args, index, trace=True)
     _check_writable(args.trace)
     plot = args.plot if not args.no_plot else None
@@ -476,8 +510,39 @@ def _option(
     )
 
 
+_MODEL_HELP = (
+    "a GGUF or safetensors file, a sharded checkpoint, or the URL of one in object "
+    "storage (s3://, gs://, az://, https://; a prefix ending in / for a sharded one)"
+)
+
+
+def _storage_option(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, not {text!r}")
+    return key, value
+
+
+def _add_remote_options(p: argparse.ArgumentParser, cache: bool) -> None:
+    p.add_argument(
+        "--storage-option",
+        type=_storage_option,
+        action="append",
+        metavar="KEY=VALUE",
+        help="for a URL: an option for the store (endpoint=..., region=...); repeatable. "
+        "Credentials come from the environment (AWS_*, GOOGLE_*, AZURE_*)",
+    )
+    if cache:
+        p.add_argument(
+            "--cache-dir",
+            metavar="DIR",
+            help="for a URL: keep fetched chunks in DIR; later runs read them from disk",
+        )
+        _option(p, "--cache-bytes", _size_arg, None, "SIZE", "most bytes --cache-dir may hold")
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a GGUF or safetensors file, or a sharded checkpoint")
+    p.add_argument("model", help=_MODEL_HELP)
     _option(
         p,
         "--budget",
@@ -508,6 +573,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="read with O_DIRECT, bypassing the page cache (where supported)",
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_remote_options(p, cache=True)
     _add_common(p)
 
 
@@ -547,9 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Format, metadata, tensors, per-layer table and the "
         "largest tensors of a model (only its header is read).",
     )
-    p.add_argument("model", help="a GGUF or safetensors file, or a sharded checkpoint")
+    p.add_argument("model", help=_MODEL_HELP)
     p.add_argument("--json", action="store_true", help="print everything as JSON")
     _option(p, "--top", _nonneg_int, 10, "N", "largest tensors to list")
+    _add_remote_options(p, cache=False)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser(

@@ -63,7 +63,17 @@ class RangeServer:
     def gets(self) -> list[Served]:
         return [s for s in self.log if s.method == "GET"]
 
+    handled: int = 0  # requests whose handler has finished, whatever happened
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return await self._answer(request)
+        except ConnectionResetError:  # the client went away (a cancelled read)
+            return web.Response(status=499)
+        finally:
+            self.handled += 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         rel = request.match_info["tail"]
         path = self.root / rel
         range_header = request.headers.get("Range")

@@ -223,3 +223,34 @@ def moto_s3_server() -> Iterator[MotoS3]:
         yield s3
     finally:
         server.stop()
+
+
+def serve_static(root: Path) -> None:
+    """Serve ``root`` with aiohttp's static files (sendfile, Range, ETag, If-Match) on a
+    free loopback port until killed; prints the port. For the benchmarks, which run it
+    in a process of its own so it does not share the client's GIL."""
+    app = web.Application()
+    app.router.add_static("/", root, follow_symlinks=True)
+
+    async def main() -> None:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server
+        assert server is not None
+        print(server.sockets[0].getsockname()[1], flush=True)  # type: ignore[attr-defined]
+        await asyncio.Event().wait()
+
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:  # pragma: no cover
+        asyncio.run(main())
+
+
+if __name__ == "__main__":
+    import sys
+
+    serve_static(Path(sys.argv[1]))

@@ -305,23 +305,30 @@ class _GGUFParser:
     def skip_strings(self, key: str, count: int) -> None:
         """Skip ``count`` length-prefixed strings without decoding them.
 
-        The fast loop only chains length prefixes; a length that jumps past the
-        end makes the next read fail (or the end land beyond the file), and then
-        a checked walk finds the offending string to report it.
+        The fast loop only chains length prefixes inside the window held (``off``
+        is relative to it); running off its end raises ``struct.error``, and the
+        walk resumes at string ``i`` over a window read from there. A length that
+        jumps past the end of the file lands ``pos`` beyond it, and then a checked
+        walk finds the offending string to report it.
         """
         size = self.size
-        pos = self.pos
         buf, base = self.buf, self.base
-        end = base + len(buf)
+        off = self.pos - base
         unpack = _U64.unpack_from
-        for _ in range(count):
-            if pos + 8 > end:
+        i = 0
+        while True:
+            try:
+                for i in range(i, count):  # noqa: B007 - i is where to resume
+                    off += unpack(buf, off)[0] + 8
+                break
+            except (struct.error, OverflowError):
+                pos = base + off
                 if pos + 8 > size:
-                    pos = size + 1
+                    off = size + 1 - base
                     break
                 buf, base = self.window(pos, 8)
-                end = base + len(buf)
-            pos += unpack(buf, pos - base)[0] + 8
+                off = pos - base
+        pos = base + off
         if pos > size:
             self.locate_bad_string(key, count)
         self.pos = pos

@@ -1,0 +1,277 @@
+"""Weights from object storage (issue 15): asyncpager reading a model from a loopback
+HTTP server against the same server read other ways, in one run.
+
+The server is aiohttp's static files (sendfile, Range, ETag) in a process of its own;
+its files sit in the page cache, so the network path, not the disk, is measured.
+For each model (the Gemma 3 270M GGUF, and a generated ~1 GB safetensors):
+
+cold (nothing on the client's disk):
+- (a) one plain GET of the whole object (obstore, one stream);
+- (b) the ceiling: obstore concurrent ranged GETs (8 MiB × 8 in flight) into a
+  preallocated buffer, nothing else;
+- asyncpager: ``ap.open(url)`` with a budget of half the model and prefetch_depth=1,
+  every layer then every other tensor: time to the first layer (open included) and
+  whole-model throughput; also with chunk/concurrency variants (the defaults'
+  justification);
+- (c) runai-model-streamer, when a Python with it is given (``--runai-python``; it
+  needs torch): its SafetensorsStreamer over the same files on local disk is the
+  only mode it offers without S3 credentials, so it is reported as a note.
+warm (chunks already in --cache-dir): asyncpager through the disk cache against
+FileSource on the same bytes on local disk (both from the page cache).
+
+Targets: cold >= 0.8x the ceiling; first layer <= 1/10 of a full download;
+warm >= 0.9x FileSource.
+
+    python scripts/bench_remote.py [--size-mib 1024] [--repeat 3] [--runai-python PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
+from _benchutil import table
+
+import asyncpager as ap
+
+MiB = 1 << 20
+CACHE = Path(os.environ.get("ASYNCPAGER_BENCH_DIR", Path.home() / ".cache" / "asyncpager"))
+
+
+def make_safetensors(size_mib: int) -> Path:
+    """A llama-shaped safetensors of about ``size_mib`` MiB (random float16)."""
+    from safetensors.numpy import save_file
+
+    path = CACHE / f"bench_remote_{size_mib}MiB.safetensors"
+    if path.exists():
+        return path
+    CACHE.mkdir(parents=True, exist_ok=True)
+    layers = 16
+    per_layer = size_mib * MiB // layers // 2  # float16 elements
+    hidden = 1024
+    rows = per_layer // hidden // 4
+    rng = np.random.default_rng(0)
+    tensors: dict[str, np.ndarray] = {}
+    for layer in range(layers):
+        for part in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            name = f"model.layers.{layer}.self_attn.{part}.weight"
+            tensors[name] = rng.standard_normal((rows, hidden), dtype=np.float32).astype(np.float16)
+        tensors[f"model.layers.{layer}.input_layernorm.weight"] = np.ones(hidden, np.float16)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+class Server:
+    def __init__(self, root: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.remote_servers", str(root)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        self.url = f"http://127.0.0.1:{int(self.proc.stdout.readline())}"
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+async def plain_get(url: str) -> float:
+    import obstore
+    from obstore.store import HTTPStore
+
+    base, _, key = url.rpartition("/")
+    store = HTTPStore.from_url(base, client_options={"allow_http": True})
+    t0 = time.perf_counter()
+    result = await obstore.get_async(store, key)
+    n = 0
+    async for chunk in result.stream(min_chunk_size=8 * MiB):
+        n += len(chunk)
+    return time.perf_counter() - t0
+
+
+async def ceiling(url: str, size: int, chunk: int = 8 * MiB, concurrency: int = 8) -> float:
+    import obstore
+    from obstore.store import HTTPStore
+
+    base, _, key = url.rpartition("/")
+    store = HTTPStore.from_url(base, client_options={"allow_http": True})
+    out = memoryview(bytearray(size))
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(start: int) -> None:
+        async with slots:
+            data = await obstore.get_range_async(
+                store, key, start=start, end=min(start + chunk, size)
+            )
+            out[start : start + len(data)] = memoryview(data)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(s) for s in range(0, size, chunk)))
+    return time.perf_counter() - t0
+
+
+async def through_pager(model: str, **options: Any) -> tuple[float, float, int]:
+    """(seconds to the first layer including open, seconds for the whole model, bytes)."""
+    t0 = time.perf_counter()
+    index = ap.read_index(model) if "://" not in model else None
+    budget_index = index if index is not None else ap.read_index(model)
+    largest = max(t.nbytes for t in budget_index)
+    budget = largest + (budget_index.nbytes - largest) // 2
+    t0 = time.perf_counter()
+    pager = ap.open(model, budget_bytes=budget, prefetch_depth=1, **options)
+    first: float | None = None
+    async with pager:
+        layered: set[str] = set()
+        for layer in pager.index.layers:
+            async with pager.acquire_layer(layer) as group:
+                layered.update(group)
+            if first is None:
+                first = time.perf_counter() - t0
+        for name in pager.index.tensors.keys() - layered:
+            async with pager.acquire(name):
+                pass
+        total = time.perf_counter() - t0
+        nbytes = pager.index.nbytes
+    assert first is not None
+    return first, total, nbytes
+
+
+def best(runs: list[tuple[float, ...]]) -> tuple[float, ...]:
+    return min(runs, key=lambda r: r[-1] if len(r) == 1 else r[1])
+
+
+def runai(python: str, path: Path) -> str:
+    code = (
+        "import time,sys\n"
+        "from runai_model_streamer import SafetensorsStreamer\n"
+        "t0=time.perf_counter(); n=0\n"
+        "with SafetensorsStreamer() as s:\n"
+        "    s.stream_file(sys.argv[1])\n"
+        "    for name, t in s.get_tensors(): n += t.numel()*t.element_size()\n"
+        "print(n, time.perf_counter()-t0)\n"
+    )
+    proc = subprocess.run(
+        [python, "-c", code, str(path)], capture_output=True, text=True, timeout=600, check=False
+    )
+    if proc.returncode:
+        return f"runai-model-streamer failed: {proc.stderr.strip().splitlines()[-1:]}"
+    n, secs = proc.stdout.split()
+    return f"{int(n) / float(secs) / MiB:,.0f} MiB/s (local file, page cache warm)"
+
+
+def bench_model(path: Path, server: Server, served: Path, repeat: int) -> list[list[object]]:
+    name = path.name
+    url = f"{server.url}/{name}"
+    size = path.stat().st_size
+    rows: list[list[object]] = []
+    full = min(asyncio.run(plain_get(url)) for _ in range(repeat))
+    ceil = min(asyncio.run(ceiling(url, size)) for _ in range(repeat))
+    mib = size / MiB
+    rows.append([name, "(a) one plain GET", "-", full, mib / full, "-"])
+    rows.append([name, "(b) obstore 8 MiB x 8 (ceiling)", "-", ceil, mib / ceil, 1.0])
+    variants = [
+        ("asyncpager cold (defaults 8 MiB x 8)", {}),
+        ("asyncpager cold, 4 MiB x 8", {"remote_options": {"chunk_bytes": 4 * MiB}}),
+        ("asyncpager cold, 16 MiB x 8", {"remote_options": {"chunk_bytes": 16 * MiB}}),
+        ("asyncpager cold, 8 MiB x 4", {"remote_options": {"concurrency": 4}}),
+        ("asyncpager cold, 8 MiB x 16", {"remote_options": {"concurrency": 16}}),
+    ]
+    cold_first = 0.0
+    for label, options in variants:
+        first, total, nbytes = best(
+            [asyncio.run(through_pager(url, **options)) for _ in range(repeat)]
+        )  # type: ignore[list-item]
+        if not options:
+            cold_first = first
+        rows.append([name, label, first, total, nbytes / MiB / total, ceil / total * size / nbytes])
+    cache = Path(tempfile.mkdtemp(prefix="bench-remote-cache-"))
+    try:
+        asyncio.run(through_pager(url, cache_dir=cache))  # fill
+        warm = best([asyncio.run(through_pager(url, cache_dir=cache)) for _ in range(repeat)])
+        local = best([asyncio.run(through_pager(str(path))) for _ in range(repeat)])
+    finally:
+        shutil.rmtree(cache)
+    rows.append(
+        [
+            name,
+            "FileSource, local file (warm baseline)",
+            local[0],
+            local[1],
+            local[2] / MiB / local[1],
+            "-",
+        ]
+    )
+    rows.append(
+        [name, "asyncpager warm, disk cache", warm[0], warm[1], warm[2] / MiB / warm[1], "-"]
+    )
+    print(
+        f"{name}: cold/ceiling {ceil / rows[2][3]:.2f}x (target >= 0.8); "
+        f"first layer / full download {cold_first / full:.3f} (target <= 0.1); "
+        f"warm cache / FileSource {local[1] / warm[1]:.2f}x (target >= 0.9)",
+        flush=True,
+    )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=1024, help="generated safetensors size")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per row (best is kept)")
+    parser.add_argument("--runai-python", help="a Python with runai-model-streamer and torch")
+    parser.add_argument("--no-gemma", action="store_true")
+    args = parser.parse_args()
+    models = []
+    if not args.no_gemma:
+        sys.path.insert(0, str(ROOT))
+        from tests.formatgen import gemma_gguf_path
+
+        models.append(gemma_gguf_path())
+    models.append(make_safetensors(args.size_mib))
+    served = Path(tempfile.mkdtemp(prefix="bench-remote-served-"))
+    for m in models:
+        (served / m.name).symlink_to(m)
+    server = Server(served)
+    rows: list[list[object]] = []
+    try:
+        for m in models:
+            for _ in range(1):  # warm the server's page cache
+                asyncio.run(plain_get(f"{server.url}/{m.name}"))
+            rows += bench_model(m, server, served, args.repeat)
+    finally:
+        server.close()
+        shutil.rmtree(served)
+    print()
+    print(
+        table(
+            ["model", "run", "first layer s", "whole s", "MiB/s", "x ceiling"],
+            rows,
+        )
+    )
+    print()
+    if args.runai_python:
+        print("(c) " + runai(args.runai_python, models[-1]))
+    else:
+        print("(c) runai-model-streamer: not run (pass --runai-python; it needs torch)")
+
+
+if __name__ == "__main__":
+    main()

@@ -318,7 +318,7 @@ class _GGUFParser:
         i = 0
         while True:
             try:
-                for i in range(i, count):  # noqa: B020 - i is where to resume
+                for i in range(i, count):  # noqa: B007, B020 - i is where to resume
                     off += unpack(buf, off)[0] + 8
                 break
             except (struct.error, OverflowError):

@@ -38,11 +38,12 @@ import errno
 import fcntl
 import functools
 import hashlib
+import heapq
 import logging
 import os
 import re
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -50,7 +51,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ._errors import SourceError
-from ._executor import PriorityThreadPool
+from ._executor import PriorityThreadPool, io_priority
 from ._formats._reader import ByteReader, Location, ObjectURL
 from ._formats._sharded import INDEX_FILE_NAME
 from ._sources import Source, _preadv_exact, _run_all
@@ -72,6 +73,7 @@ _log = logging.getLogger("asyncpager")
 #: enough in flight to hide one request's latency.
 DEFAULT_REMOTE_CHUNK_BYTES = 8 << 20
 DEFAULT_CONCURRENCY = 8
+_MIN_PIECE = 1 << 20
 _HEADER_WINDOW = 512 << 10
 _HEADER_WINDOW_MAX = 4 << 20
 
@@ -465,10 +467,10 @@ class ObjectStoreSource(Source):
         self.backoff = backoff
         self.timeout = timeout
         self.stats = RemoteStats()
-        self._slots: asyncio.Semaphore | None = None
+        self._slots = _PrioritySlots(concurrency)
         self._closed = False
         self.executor = PriorityThreadPool(io_workers, "asyncpager-remote")
-        self.prioritized = False
+        self.prioritized = True  # demand GETs take free slots before background ones
         self.cache = DiskCache(cache_dir, cache_bytes) if cache_dir is not None else None
         self._cache_dir = (
             self.cache.object_dir(self.url, self.etag, self.size, chunk_bytes)
@@ -482,8 +484,6 @@ class ObjectStoreSource(Source):
     async def _get(self, start: int, end: int) -> memoryview:
         """Bytes ``[start, end)`` of the object at the pinned version, retried."""
         obstore = _import_obstore()
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.concurrency)
         options: dict[str, Any] = {"range": (start, end)}
         if self.etag is not None:
             options["if_match"] = self.etag
@@ -492,7 +492,7 @@ class ObjectStoreSource(Source):
             if self._closed:
                 raise SourceError(f"{self.url}: source is closed")
             try:
-                async with self._slots:
+                async with self._slots.slot(io_priority.get()):
                     async with asyncio.timeout(self.timeout):
                         self.stats.requests += 1
                         result = await obstore.get_async(
@@ -542,7 +542,11 @@ class ObjectStoreSource(Source):
         if total == 0:
             return
         if self.cache is None:
-            pieces = _pieces(offset, outs, lambda at: at + self.chunk_bytes)
+            # Every slot gets a share of a read smaller than chunk_bytes x concurrency
+            # (a prefetched layer), but no GET is smaller than 1 MiB.
+            share = -(-total // self.concurrency)
+            piece = min(self.chunk_bytes, max(_MIN_PIECE, share))
+            pieces = _pieces(offset, outs, lambda at: at + piece)
         else:
             c = self.chunk_bytes
             pieces = _pieces(offset, outs, lambda at: (at // c + 1) * c)
@@ -626,6 +630,44 @@ class ObjectStoreSource(Source):
     def __repr__(self) -> str:
         cache = f", cache_dir={str(self.cache.root)!r}" if self.cache is not None else ""
         return f"ObjectStoreSource({str(self.url)!r}{cache})"
+
+
+class _PrioritySlots:
+    """At most ``n`` holders; a freed slot goes to the waiter of lowest priority
+    (0 = demand, 1 = background: :data:`io_priority`), first come first served
+    among equals. Synchronous between deciding and committing, like the pager."""
+
+    def __init__(self, n: int) -> None:
+        self._free = n
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._seq = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self, priority: int) -> AsyncIterator[None]:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+        else:
+            waiter = asyncio.get_running_loop().create_future()
+            self._seq += 1
+            heapq.heappush(self._waiters, (priority, self._seq, waiter))
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._release()  # handed a slot just as we were cancelled
+                raise  # a cancelled waiter stays in the heap; _release skips it
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        while self._waiters:
+            _, _, waiter = heapq.heappop(self._waiters)
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
 
 
 async def _all_or_first_error(tasks: Sequence[asyncio.Future[None]]) -> None:

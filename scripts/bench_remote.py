@@ -14,8 +14,10 @@ cold (nothing on the client's disk):
   whole-model throughput; also with chunk/concurrency variants (the defaults'
   justification);
 - (c) runai-model-streamer, when a Python with it is given (``--runai-python``; it
-  needs torch): its SafetensorsStreamer over the same files on local disk is the
-  only mode it offers without S3 credentials, so it is reported as a note.
+  needs torch). It reads local files, S3, GCS and Azure but not plain HTTP, so it
+  is compared on moto's S3 server (a process of its own) with a smaller
+  safetensors (``--s3-size-mib``), next to the obstore ceiling and asyncpager
+  on the same server; moto, pure Python, is much slower than the HTTP server.
 warm (chunks already in --cache-dir): asyncpager through the disk cache against
 FileSource on the same bytes on local disk (both from the page cache).
 
@@ -59,7 +61,7 @@ def make_safetensors(size_mib: int) -> Path:
     if path.exists():
         return path
     CACHE.mkdir(parents=True, exist_ok=True)
-    layers = 16
+    layers = 32
     per_layer = size_mib * MiB // layers // 2  # float16 elements
     hidden = 1024
     rows = per_layer // hidden // 4
@@ -132,8 +134,7 @@ async def ceiling(url: str, size: int, chunk: int = 8 * MiB, concurrency: int = 
 async def through_pager(model: str, **options: Any) -> tuple[float, float, int]:
     """(seconds to the first layer including open, seconds for the whole model, bytes)."""
     t0 = time.perf_counter()
-    index = ap.read_index(model) if "://" not in model else None
-    budget_index = index if index is not None else ap.read_index(model)
+    budget_index = ap.read_index(model, storage_options=options.get("storage_options"))
     largest = max(t.nbytes for t in budget_index)
     budget = largest + (budget_index.nbytes - largest) // 2
     t0 = time.perf_counter()
@@ -159,23 +160,119 @@ def best(runs: list[tuple[float, ...]]) -> tuple[float, ...]:
     return min(runs, key=lambda r: r[-1] if len(r) == 1 else r[1])
 
 
-def runai(python: str, path: Path) -> str:
-    code = (
-        "import time,sys\n"
-        "from runai_model_streamer import SafetensorsStreamer\n"
-        "t0=time.perf_counter(); n=0\n"
-        "with SafetensorsStreamer() as s:\n"
-        "    s.stream_file(sys.argv[1])\n"
-        "    for name, t in s.get_tensors(): n += t.numel()*t.element_size()\n"
-        "print(n, time.perf_counter()-t0)\n"
-    )
+_RUNAI = """
+import sys, time
+from runai_model_streamer import SafetensorsStreamer
+t0 = time.perf_counter(); n = 0; first = None
+with SafetensorsStreamer() as s:
+    s.stream_file(sys.argv[1])
+    for name, t in s.get_tensors():
+        n += t.numel() * t.element_size()
+        if first is None and ".layers.0." in name:
+            first = time.perf_counter() - t0
+print(n, first, time.perf_counter() - t0)
+"""
+
+
+def runai(python: str, url: str, env: dict[str, str]) -> tuple[float, float, int] | str:
+    """runai-model-streamer's SafetensorsStreamer over ``url`` in its own Python
+    (it needs torch): (first layer-0 tensor s, whole s, bytes), or why it failed."""
     proc = subprocess.run(
-        [python, "-c", code, str(path)], capture_output=True, text=True, timeout=600, check=False
+        [python, "-c", _RUNAI, url],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env={**os.environ, **env},
     )
     if proc.returncode:
-        return f"runai-model-streamer failed: {proc.stderr.strip().splitlines()[-1:]}"
-    n, secs = proc.stdout.split()
-    return f"{int(n) / float(secs) / MiB:,.0f} MiB/s (local file, page cache warm)"
+        return f"failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
+    n, first, whole = proc.stdout.split()
+    return float(first), float(whole), int(n)
+
+
+def bench_s3(path: Path, runai_python: str | None, repeat: int) -> list[list[object]]:
+    """The same safetensors from moto's S3 server (a process of its own): the
+    obstore ceiling, asyncpager, and runai-model-streamer (its S3 backend)."""
+    import socket
+
+    import boto3
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    creds = {"aws_access_key_id": "bench", "aws_secret_access_key": "bench"}
+    rows: list[list[object]] = []
+    try:
+        for _ in range(100):
+            try:
+                client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **creds)
+                client.create_bucket(Bucket="bench")
+                break
+            except Exception:
+                time.sleep(0.1)
+        client.upload_file(str(path), "bench", path.name)
+        url = f"s3://bench/{path.name}"
+        size = path.stat().st_size
+        options = {"endpoint": endpoint, "region": "us-east-1", **creds}
+        ceil = min(asyncio.run(ceiling_s3(options, path.name, size)) for _ in range(repeat))
+        rows.append(
+            [path.name, "S3 (b) obstore 8 MiB x 8 (ceiling)", "-", ceil, size / MiB / ceil, 1.0]
+        )
+        runs = [asyncio.run(through_pager(url, storage_options=options)) for _ in range(repeat)]
+        first, total, nbytes = best(runs)  # type: ignore[misc]
+        rows.append(
+            [path.name, "S3 asyncpager cold", first, total, nbytes / MiB / total, ceil / total]
+        )
+        if runai_python:
+            env = {
+                "AWS_ENDPOINT_URL": endpoint,
+                "AWS_ACCESS_KEY_ID": "bench",
+                "AWS_SECRET_ACCESS_KEY": "bench",
+                "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_EC2_METADATA_DISABLED": "true",
+                "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
+            }
+            results = [runai(runai_python, url, env) for _ in range(repeat)]
+            ok = [r for r in results if not isinstance(r, str)]
+            if ok:
+                rf, rt, rn = min(ok, key=lambda r: r[1])
+                rows.append(
+                    [path.name, "S3 (c) runai-model-streamer", rf, rt, rn / MiB / rt, ceil / rt]
+                )
+            else:
+                rows.append(
+                    [path.name, f"S3 (c) runai-model-streamer {results[0]}", "-", "-", "-", "-"]
+                )
+    finally:
+        server.kill()
+        server.wait()
+    return rows
+
+
+async def ceiling_s3(options: dict[str, str], key: str, size: int) -> float:
+    import obstore
+    from obstore.store import S3Store
+
+    store = S3Store("bench", client_options={"allow_http": True}, **options)  # type: ignore[arg-type]
+    out = memoryview(bytearray(size))
+    slots = asyncio.Semaphore(8)
+
+    async def one(start: int) -> None:
+        async with slots:
+            end = min(start + 8 * MiB, size)
+            data = await obstore.get_range_async(store, key, start=start, end=end)
+            out[start : start + len(data)] = memoryview(data)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(s) for s in range(0, size, 8 * MiB)))
+    return time.perf_counter() - t0
 
 
 def bench_model(path: Path, server: Server, served: Path, repeat: int) -> list[list[object]]:
@@ -238,6 +335,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per row (best is kept)")
     parser.add_argument("--runai-python", help="a Python with runai-model-streamer and torch")
     parser.add_argument("--no-gemma", action="store_true")
+    parser.add_argument("--s3-size-mib", type=int, default=256, help="safetensors for the S3 rows")
     args = parser.parse_args()
     models = []
     if not args.no_gemma:
@@ -259,18 +357,11 @@ def main() -> None:
     finally:
         server.close()
         shutil.rmtree(served)
+    rows += bench_s3(make_safetensors(args.s3_size_mib), args.runai_python, args.repeat)
     print()
-    print(
-        table(
-            ["model", "run", "first layer s", "whole s", "MiB/s", "x ceiling"],
-            rows,
-        )
-    )
-    print()
-    if args.runai_python:
-        print("(c) " + runai(args.runai_python, models[-1]))
-    else:
-        print("(c) runai-model-streamer: not run (pass --runai-python; it needs torch)")
+    print(table(["model", "run", "first layer s", "whole s", "MiB/s", "x ceiling"], rows))
+    if not args.runai_python:
+        print("\n(c) runai-model-streamer: not run (pass --runai-python; it needs torch)")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ from ._errors import SourceError
 from ._executor import PriorityThreadPool, io_priority
 from ._formats._reader import ByteReader, Location, ObjectURL
 from ._formats._sharded import INDEX_FILE_NAME
-from ._sources import Source, _preadv_exact, _run_all
+from ._sources import Source, _preadv_exact, _run_all, split_chunks
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -73,7 +73,7 @@ _log = logging.getLogger("asyncpager")
 #: enough in flight to hide one request's latency.
 DEFAULT_REMOTE_CHUNK_BYTES = 8 << 20
 DEFAULT_CONCURRENCY = 8
-_MIN_PIECE = 1 << 20
+_MIN_PIECE = 4 << 20
 _HEADER_WINDOW = 512 << 10
 _HEADER_WINDOW_MAX = 4 << 20
 
@@ -469,6 +469,7 @@ class ObjectStoreSource(Source):
         self.stats = RemoteStats()
         self._slots = _PrioritySlots(concurrency)
         self._closed = False
+        self._io_workers = max(1, io_workers)
         self.executor = PriorityThreadPool(io_workers, "asyncpager-remote")
         self.prioritized = True  # demand GETs take free slots before background ones
         self.cache = DiskCache(cache_dir, cache_bytes) if cache_dir is not None else None
@@ -543,7 +544,8 @@ class ObjectStoreSource(Source):
             return
         if self.cache is None:
             # Every slot gets a share of a read smaller than chunk_bytes x concurrency
-            # (a prefetched layer), but no GET is smaller than 1 MiB.
+            # (a prefetched layer), but no GET is smaller than 4 MiB: a GET to a
+            # real store costs tens of milliseconds before its first byte.
             share = -(-total // self.concurrency)
             piece = min(self.chunk_bytes, max(_MIN_PIECE, share))
             pieces = _pieces(offset, outs, lambda at: at + piece)
@@ -578,12 +580,12 @@ class ObjectStoreSource(Source):
         assert executor is not None
         pending = self._chunk_fetches.get(k)
         if pending is None:
-            hit = (
-                await _run_all(
-                    executor, [functools.partial(self.cache.read, path, length, local, views)]
-                )
-            )[0]
-            if hit:
+            # A large hit is split so every I/O worker copies a share, as FileSource does.
+            share = max(_MIN_PIECE, -(-need // self._io_workers))
+            jobs = split_chunks(local, views, share)
+            read = functools.partial(self.cache.read, path, length)
+            hits = await _run_all(executor, [functools.partial(read, o, v) for o, v in jobs])
+            if all(hits):
                 self.stats.cache_hit_bytes += need
                 return
             pending = self._chunk_fetches.get(k)

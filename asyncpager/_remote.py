@@ -43,6 +43,7 @@ import logging
 import os
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -74,6 +75,7 @@ _log = logging.getLogger("asyncpager")
 DEFAULT_REMOTE_CHUNK_BYTES = 8 << 20
 DEFAULT_CONCURRENCY = 8
 _MIN_PIECE = 4 << 20
+_STALE_TMP_SECONDS = 3600.0
 _HEADER_WINDOW = 512 << 10
 _HEADER_WINDOW_MAX = 4 << 20
 
@@ -310,6 +312,15 @@ class DiskCache:
         self.max_bytes = max_bytes
         self._warned = False
         self._lock_path = self.root / ".lock"
+        self._remove_stale_temporaries()
+
+    def _remove_stale_temporaries(self, age: float = _STALE_TMP_SECONDS) -> None:
+        """Temporary files a killed writer left (never renamed, so never served)."""
+        cutoff = time.time() - age
+        for tmp in self.root.glob("*/.*.tmp"):
+            with contextlib.suppress(OSError):
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
 
     def object_dir(self, url: str, etag: str | None, size: int, chunk_bytes: int) -> Path:
         digest = hashlib.sha256(f"{url}\0{etag}\0{size}\0{chunk_bytes}".encode()).hexdigest()

@@ -335,7 +335,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per row (best is kept)")
     parser.add_argument("--runai-python", help="a Python with runai-model-streamer and torch")
     parser.add_argument("--no-gemma", action="store_true")
-    parser.add_argument("--s3-size-mib", type=int, default=256, help="safetensors for the S3 rows")
+    parser.add_argument("--s3-size-mib", type=int, default=64, help="safetensors for the S3 rows")
     args = parser.parse_args()
     models = []
     if not args.no_gemma:

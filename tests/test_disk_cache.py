@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -41,16 +42,17 @@ def _model(server: RangeServer) -> tuple[str, dict[str, str]]:
 
 def _child(url: str, cache: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.remote_child", url, str(cache), str(CHUNK)],
+        [sys.executable, "-X", "faulthandler", "-m", "tests.remote_child", url, str(cache), str(CHUNK)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
 
 
 def _result(proc: subprocess.Popen[str]) -> dict[str, object]:
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
     result: dict[str, object] = json.loads(out.strip().splitlines()[-1])
     return result
 
@@ -82,9 +84,15 @@ def test_sigkill_while_filling_then_every_byte_correct(
     child = _child(url, cache)
     assert child.stdout is not None
     child.stdout.readline()  # it has read at least one tensor: chunks are being kept
+    for _ in range(1000):  # bounded wait for the first chunk file: no timing asserted
+        if list(cache.rglob("*.chunk")):
+            break
+        time.sleep(0.01)
     child.send_signal(signal.SIGKILL)
     child.wait(30)
     child.stdout.close()
+    assert child.stderr is not None
+    child.stderr.close()
     assert child.returncode == -signal.SIGKILL
     hold.set()
     kept = list(cache.rglob("*.chunk"))
@@ -95,6 +103,12 @@ def test_sigkill_while_filling_then_every_byte_correct(
     again = _result(_child(url, cache))
     assert again["digests"] == expected
     assert again["hits"] > 0
+    # what the killed writer left unrenamed is removed once it is stale
+    leftover = kept[0].with_name(".00000000.chunk.1.dead.tmp")
+    leftover.write_bytes(b"x")
+    os.utime(leftover, (0, 0))
+    DiskCache(cache)
+    assert not leftover.exists()
 
 
 def test_processes_sharing_a_cache_never_corrupt_it(

@@ -20,6 +20,7 @@ from ._formats import ArraySummary, ModelIndex, read_index
 from ._lease import AcquireContext, Lease, LeaseGroup
 from ._open import HotSet, open
 from ._pager import Pager
+from ._remote import DiskCache, ObjectStoreSource, RemoteStats
 from ._request import RequestScope, RequestStats
 from ._sources import (
     AiofilesSource,
@@ -57,6 +58,7 @@ __all__ = [
     "PagerClosed",
     "PagerError",
     "PagerStats",
+    "RemoteStats",
     "RequestScope",
     "RequestStats",
     "Source",
@@ -68,11 +70,3 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-
-def __getattr__(name: str) -> object:
-    # The object-store classes import obstore (the 'remote' extra) only when used.
-    if name in ("ObjectStoreSource", "DiskCache"):
-        from . import _remote
-
-        return getattr(_remote, name)
-    raise AttributeError(f"module 'asyncpager' has no attribute {name!r}")

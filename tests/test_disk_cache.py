@@ -42,7 +42,16 @@ def _model(server: RangeServer) -> tuple[str, dict[str, str]]:
 
 def _child(url: str, cache: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-X", "faulthandler", "-m", "tests.remote_child", url, str(cache), str(CHUNK)],
+        [
+            sys.executable,
+            "-X",
+            "faulthandler",
+            "-m",
+            "tests.remote_child",
+            url,
+            str(cache),
+            str(CHUNK),
+        ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -69,4 +69,3 @@ __all__ = [
     "read_index",
 ]
 __version__ = "0.1.0"
-

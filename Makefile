@@ -42,6 +42,7 @@ bench: dev
 	$(BIN)/python scripts/bench_open.py
 	$(BIN)/python scripts/bench_read.py
 	$(BIN)/python scripts/bench_decode.py
+	$(BIN)/python scripts/bench_import.py
 	$(BIN)/python scripts/bench_remote.py
 
 # Long runs, not part of `make test`.

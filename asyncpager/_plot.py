@@ -4,7 +4,7 @@ acquire-latency histogram, so overlap (or its absence) shows at a glance.
 Built from what a run leaves behind: the trace events (``Pager.stop_trace``: spans
 "load"/"prefetch" with ``args.tensor``, "compute" with ``args.layer``, instants
 "evict") and the histograms' buckets (``Pager.histograms()``). matplotlib is an
-optional extra (``pip install 'asyncpager[plot]'``); it is imported only when a
+optional extra (``pip install -e '.[plot]'`` in a checkout); it is imported only when a
 picture is drawn, and drawn with the Agg canvas on a private ``Figure`` — never
 through ``pyplot``, so a caller's backend and open figures are left alone.
 """
@@ -20,7 +20,15 @@ from typing import Any
 
 from ._report import format_duration, token_starts
 
-__all__ = ["RunPicture", "TimelineSpans", "matplotlib_available", "plot_runs", "timeline_spans"]
+__all__ = [
+    "PLOT_FORMATS",
+    "RunPicture",
+    "TimelineSpans",
+    "matplotlib_available",
+    "plot_path_problem",
+    "plot_runs",
+    "timeline_spans",
+]
 
 Buckets = Sequence[tuple[float, int]]  # (upper bound in seconds, count), ascending
 
@@ -42,6 +50,21 @@ _LABELS = {
 
 def matplotlib_available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
+
+
+#: File extensions :func:`plot_runs` can write (the Agg canvas's formats, the
+#: image type chosen by the extension); checked without importing matplotlib.
+PLOT_FORMATS = ("png", "svg", "pdf", "jpg", "jpeg", "webp", "tif", "tiff", "eps", "ps", "svgz")
+
+
+def plot_path_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why :func:`plot_runs` could not write ``path`` (its extension names no
+    image type it draws), or ``None``."""
+    extension = os.path.splitext(os.fspath(path))[1].lower().removeprefix(".")
+    if extension in PLOT_FORMATS:
+        return None
+    what = f"unsupported image type '.{extension}'" if extension else "no file extension"
+    return f"{what}; use one of " + ", ".join("." + f for f in PLOT_FORMATS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,10 @@ Invariants:
 - A :class:`FileSource` holds ONE descriptor for its whole life and reads with
   positional ``os.preadv`` on its own bounded executor (``io_workers`` threads), never
   on the event loop and never on the loop's default executor.
+- Every file-backed source reads, for its whole life, the file its path named when
+  it was constructed: all its descriptors (or its mapping) are opened in the
+  constructor, never later by path, so a file replaced (``os.replace``) or
+  unlinked under it is not seen until a new source is made.
 """
 
 from __future__ import annotations
@@ -380,6 +384,21 @@ class MultiFileSource(ConcatSource):
         return f"MultiFileSource({[str(f.path) for f in self._files]!r})"
 
 
+def _reopen(file: Any, path: Path) -> Any | None:
+    """A second handle, with its own position, on the file ``file`` has open:
+    through ``/proc/self/fd`` where there is one, else by ``path`` if that still
+    names the same file; ``None`` if it no longer does."""
+    proc = Path(f"/proc/self/fd/{file.fileno()}")
+    if proc.exists():
+        return open(proc, "rb", buffering=0)
+    again = open(path, "rb", buffering=0)  # noqa: SIM115
+    mine, theirs = os.fstat(file.fileno()), os.fstat(again.fileno())
+    if (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino):
+        return again
+    again.close()
+    return None
+
+
 def _end(piece: tuple[Source, int, list[memoryview]]) -> int:
     return piece[1] + sum(b.nbytes for b in piece[2])
 
@@ -455,54 +474,64 @@ class AiofilesSource(Source):
     """A file read with aiofiles ``readinto`` (portable; no ``preadv`` needed).
 
     A file handle has one position, so each concurrent read takes its own handle
-    from a small pool (opened on demand, at most ``max_handles``)."""
+    from a pool of at most ``max_handles``. Every handle is opened in the
+    constructor on the file the path named *then*: like a :class:`FileSource`, the
+    source keeps reading that file after it is replaced or unlinked, until it is
+    reopened."""
 
     def __init__(self, path: str | os.PathLike[str], *, max_handles: int = 2) -> None:
+        import aiofiles.threadpool
+
         self.path = Path(path)
+        files: list[Any] = []
         try:
-            self.size = self.path.stat().st_size
+            first = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+            files.append(first)
+            self.size = os.fstat(first.fileno()).st_size
+            for _ in range(max_handles - 1):
+                again = _reopen(first, self.path)
+                if again is None:
+                    break  # replaced while we opened it: serve with the handles we have
+                files.append(again)
         except OSError as exc:
+            for file in files:
+                file.close()
             raise SourceError(f"{path}: cannot open: {exc.strerror}") from exc
-        self._max_handles = max_handles
-        self._idle: list[Any] = []
-        self._opened = 0
+        self._all = files
+        self._idle = [aiofiles.threadpool.wrap(file) for file in files]
         self._closed = False
         self._slots: asyncio.Semaphore | None = None
 
     async def read_into(self, offset: int, out: memoryview) -> None:
-        import aiofiles
-
         self._check_range(offset, out.nbytes)
         if self._closed:
             raise SourceError(f"{self.path}: source is closed")
         if self._slots is None:
-            self._slots = asyncio.Semaphore(self._max_handles)
+            self._slots = asyncio.Semaphore(len(self._all))
         async with self._slots:
+            handle = self._idle.pop()
             try:
-                handle = self._idle.pop() if self._idle else None
-                if handle is None:
-                    handle = await aiofiles.open(self.path, "rb", buffering=0)
-                    self._opened += 1
-                try:
-                    await handle.seek(offset)
-                    view = out
-                    while view.nbytes:
-                        got = await handle.readinto(view)
-                        if not got:
-                            at = offset + out.nbytes - view.nbytes
-                            raise EOFError(f"end of file at offset {at}")
-                        view = view[got:]
-                finally:
-                    if self._closed:
-                        await handle.close()
-                    else:
-                        self._idle.append(handle)
-            except (OSError, EOFError) as exc:
+                await handle.seek(offset)
+                view = out
+                while view.nbytes:
+                    got = await handle.readinto(view)
+                    if not got:
+                        at = offset + out.nbytes - view.nbytes
+                        raise EOFError(f"end of file at offset {at}")
+                    view = view[got:]
+            except (OSError, EOFError, ValueError) as exc:  # ValueError: closed meanwhile
                 raise SourceError(
                     f"{self.path}: read of {out.nbytes} bytes at offset {offset} failed: {exc}"
                 ) from exc
+            finally:
+                if self._closed:
+                    await handle.close()
+                else:
+                    self._idle.append(handle)
 
     def close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
         idle, self._idle = self._idle, []
         for handle in idle:

@@ -1,7 +1,9 @@
 """TensorInfo: where one tensor lives in a source and how to view its bytes.
 
-Invariant: ``nbytes == prod(shape) * dtype.itemsize`` for every TensorInfo; the
-constructor refuses anything else, so a lease's view never reads past its buffer.
+Invariant: ``nbytes == prod(shape) * dtype.itemsize`` for every TensorInfo, and numpy
+can shape it (no zero dimension hides one too big for numpy, as in ``(0, 2**62)``);
+the constructor refuses anything else, so a lease's view never reads past its buffer
+and making the view cannot fail.
 """
 
 from __future__ import annotations
@@ -11,8 +13,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 __all__ = ["TensorInfo"]
+
+_INTP_MAX = int(np.iinfo(np.intp).max)
+
+
+def _check_numpy_can_shape(name: str, dtype: np.dtype[Any], shape: tuple[int, ...]) -> None:
+    """Raise ValueError unless numpy can make an array of ``shape`` and ``dtype``
+    (asked of numpy itself, on a zero-byte base: nothing is allocated)."""
+    try:
+        as_strided(np.empty(0, dtype), shape=shape, strides=(0,) * len(shape))
+    except ValueError as exc:
+        raise ValueError(f"tensor {name!r}: numpy cannot shape {dtype} {shape}: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +41,8 @@ class TensorInfo:
 
     Raises:
         ValueError: ``nbytes`` is negative, not a multiple of the itemsize, or
-            disagrees with ``shape``; ``offset`` is negative.
+            disagrees with ``shape``; numpy cannot make an array of ``shape``;
+            ``offset`` is negative.
     """
 
     name: str
@@ -62,6 +77,9 @@ class TensorInfo:
                     f"{math.prod(shape) * itemsize} bytes, not nbytes={self.nbytes}"
                 )
             object.__setattr__(self, "shape", shape)
+        assert self.shape is not None
+        if not self.nbytes or len(self.shape) > 32 or self.nbytes > _INTP_MAX:
+            _check_numpy_can_shape(self.name, dtype, self.shape)
         if self.file_dtype is None:
             object.__setattr__(self, "file_dtype", dtype.name)
         if self.logical_shape is None:

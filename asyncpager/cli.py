@@ -33,7 +33,7 @@ from ._errors import BudgetExceeded, FormatError, SourceError
 from ._formats import ModelIndex, read_index
 from ._formats._open import is_url
 from ._open import open as open_model
-from ._plot import RunPicture, matplotlib_available, plot_runs
+from ._plot import RunPicture, matplotlib_available, plot_path_problem, plot_runs
 from ._report import (
     Progress,
     describe_index,
@@ -52,7 +52,7 @@ __all__ = ["main"]
 T = TypeVar("T")
 
 _PROG = "asyncpager"
-_NO_MATPLOTLIB = "matplotlib is not installed (pip install 'asyncpager[plot]')"
+_NO_MATPLOTLIB = "matplotlib is not installed (pip install matplotlib: the plot extra)"
 
 
 class UsageError(Exception):
@@ -137,7 +137,7 @@ def _loop_factory(choice: str) -> tuple[Callable[[], asyncio.AbstractEventLoop] 
     except ImportError:
         if choice == "uvloop":
             raise UsageError(
-                "--loop uvloop: uvloop is not installed (pip install 'asyncpager[fast]')"
+                "--loop uvloop: uvloop is not installed (pip install -e '.[fast]' in a checkout)"
             ) from None
         return None, "asyncio"
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
@@ -388,13 +388,25 @@ def _check_writable(path: str) -> None:
         raise FileNotFoundError(2, "no such directory", str(parent))
 
 
+def _check_outputs(trace: str | None, plot: str | None) -> None:
+    """Refuse, before any work, a plot path matplotlib cannot write and a trace
+    and a plot written to the same file (one would overwrite the other)."""
+    if plot is None:
+        return
+    problem = plot_path_problem(plot)
+    if problem is not None:
+        raise UsageError(f"--plot {plot}: {problem}")
+    if trace is not None and Path(trace).resolve() == Path(plot).resolve():
+        raise UsageError(f"--trace and --plot both name {plot}: give them different paths")
+    _check_writable(plot)
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
+    plot = args.plot if not args.no_plot else None
+    _check_outputs(args.trace, plot)
+    _check_writable(args.trace)
     index = _read_index(args)
     config = _bench_config(args, index, trace=True)
-    _check_writable(args.trace)
-    plot = args.plot if not args.no_plot else None
-    if plot is not None:
-        _check_writable(plot)
     progress = Progress(_PROG + " profile", 1, stream=sys.stderr, enabled=not args.quiet)
     try:
         outcome = _run(_decode(index, config, progress, trace_path=args.trace), args.loop)
@@ -436,8 +448,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     layer_bytes = int(args.layer_mib * (1 << 20))
     _, loop = _loop_factory(args.loop)
     plot = None if args.no_plot else args.plot
-    if plot is not None:
-        _check_writable(plot)
+    _check_outputs(None, plot)
     with tempfile.TemporaryDirectory(prefix="asyncpager-demo-") as tmp:
         path = write_synthetic_gguf(
             Path(tmp) / "demo.gguf", n_layers=args.layers, layer_bytes=layer_bytes

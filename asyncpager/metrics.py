@@ -1,7 +1,7 @@
 """Prometheus metrics for a Pager: a custom collector that reads the pager's counters,
 gauges and latency histograms at scrape time (nothing is recorded twice).
 
-Requires the optional extra ``prometheus`` (``pip install 'asyncpager[prometheus]'``);
+Requires the optional extra ``prometheus`` (``pip install -e '.[prometheus]'`` in a checkout);
 importing this module imports ``prometheus_client``.
 
     registry = prometheus_client.CollectorRegistry()

@@ -480,3 +480,132 @@ def safetensors_bytes(header: Mapping[str, Any] | str | bytes, data: bytes = b""
     else:
         raw = header
     return struct.pack("<Q", len(raw)) + raw + data
+
+
+# -- a corpus of malformed files, one per kind of defect ------------------------------
+
+_U8_ENTRY = '{"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}'
+
+
+def _st_entry(dtype: str, shape: Sequence[int], nbytes: int) -> dict[str, Any]:
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": [0, nbytes]}
+
+
+def malformed_safetensors() -> dict[str, bytes]:
+    """Malformed safetensors files by the defect they carry (each one the
+    reference reader refuses too, or one numpy could not shape)."""
+    ok = '"ok": ' + _U8_ENTRY
+    long_int = "9" * 5000
+    return {
+        "length-past-end": struct.pack("<Q", 1 << 20) + b"{}",
+        "length-over-limit": struct.pack("<Q", 100_000_001) + b"{}" * 8,
+        "short-length": b"\x05\0\0",
+        "not-an-object": safetensors_bytes("[1, 2]"),
+        "invalid-json": safetensors_bytes('{"w": {"dtype": F32}}'),
+        "not-utf8": safetensors_bytes(b'{"w\xff": ' + _U8_ENTRY.encode() + b"}", b"\0"),
+        "deep-nesting": safetensors_bytes('{"w": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+        "nan": safetensors_bytes(f'{{"__metadata__": {{"a": NaN}}, {ok}}}', b"\0"),
+        "infinity": safetensors_bytes(f'{{{ok[:-1]}, "x": Infinity}}}}', b"\0"),
+        "minus-infinity": safetensors_bytes(f'{{"n": -Infinity, {ok}}}', b"\0"),
+        "lone-high-surrogate-name": safetensors_bytes(f'{{"\\ud800": {_U8_ENTRY}}}', b"\0"),
+        "lone-low-surrogate-name": safetensors_bytes(f'{{"a\\udc00b": {_U8_ENTRY}}}', b"\0"),
+        "lone-surrogate-metadata": safetensors_bytes(
+            f'{{"__metadata__": {{"k": "\\ud83d"}}, {ok}}}', b"\0"
+        ),
+        "reversed-surrogate-pair": safetensors_bytes(f'{{"\\ude00\\ud83d": {_U8_ENTRY}}}', b"\0"),
+        "integer-too-long": safetensors_bytes(
+            f'{{"w": {{"dtype": "U8", "shape": [{long_int}], "data_offsets": [0, 1]}}}}', b"\0"
+        ),
+        "zero-by-huge-f32": safetensors_bytes({"w": _st_entry("F32", [0, 2**62], 0)}),
+        "zero-by-huge-u8": safetensors_bytes({"w": _st_entry("U8", [0, 2**62], 0)}),
+        "zero-by-huge-f4": safetensors_bytes({"w": _st_entry("F4", [2**62, 0], 0)}),
+        "zero-by-2-64": safetensors_bytes({"w": _st_entry("U8", [0, 2**64], 0)}),
+        "shape-overflow": safetensors_bytes(
+            {"w": _st_entry("F32", [2**32, 2**32, 2], 8)}, b"\0" * 8
+        ),
+        "too-many-dims": safetensors_bytes({"w": _st_entry("U8", [1] * 33, 1)}, b"\0"),
+        "float-dim": safetensors_bytes(
+            {"w": {"dtype": "U8", "shape": [1.0], "data_offsets": [0, 1]}}
+        ),
+        "unknown-dtype": safetensors_bytes({"w": _st_entry("F31", [1], 4)}, bytes(4)),
+        "offsets-mismatch": safetensors_bytes({"w": _st_entry("F32", [3], 8)}, bytes(8)),
+        "past-the-end": safetensors_bytes({"w": _st_entry("U8", [10], 10)}, bytes(2)),
+        "overlap": safetensors_bytes(
+            {
+                "a": {"dtype": "U8", "shape": [8], "data_offsets": [0, 8]},
+                "b": {"dtype": "U8", "shape": [4], "data_offsets": [6, 10]},
+            },
+            bytes(10),
+        ),
+        "duplicate-name": safetensors_bytes(f'{{"w": {_U8_ENTRY}, "w": {_U8_ENTRY}}}', b"\0"),
+        "metadata-not-strings": safetensors_bytes({"__metadata__": {"a": 1}}),
+    }
+
+
+def malformed_gguf() -> dict[str, bytes]:
+    """Malformed GGUF files by the defect they carry."""
+
+    def one(ne: Sequence[int], ggml_type: int = 0, data: bytes = b"", **kw: Any) -> bytes:
+        return build_gguf(tensors=[GGUFTensorSpec("w", ne, ggml_type, data, **kw)]).data
+
+    return {
+        "empty": b"",
+        "bad-magic": b"GGML" + bytes(60),
+        "bad-version": build_gguf(version=7).data,
+        "truncated-counts": build_gguf([("k", VT.UINT8, 1)]).data[:10],
+        "truncated-string": build_gguf([("k", VT.STRING, "a long value")]).data[:-3],
+        "key-not-utf8": build_gguf([(b"k\xff", VT.UINT8, 1)]).data,
+        "unknown-value-type": _unknown_vt(),
+        "zero-by-huge-f32": one([2**62, 0]),
+        "zero-by-huge-q8": one([0, 2**62 - 2**62 % 32], ggml_type=8),
+        "zero-by-2-63": one([0, 2**63]),
+        "dims-overflow": one([2**32, 2**32]),
+        "too-many-dims": one([1] * 9),
+        "unknown-type": one([4], ggml_type=100, data=bytes(16)),
+        "row-not-block-multiple": one([33], ggml_type=8, data=bytes(68)),
+        "misaligned-offset": one([4], data=bytes(16), offset=3),
+        "past-the-end": one([4], data=bytes(16), offset=2**40),
+        "overlap": build_gguf(
+            tensors=[
+                GGUFTensorSpec("a", [8], 0, bytes(32)),
+                GGUFTensorSpec("b", [8], 0, bytes(32), offset=0),
+            ]
+        ).data,
+        "duplicate-name": build_gguf(
+            tensors=[GGUFTensorSpec("w", [4], 0, bytes(16)), GGUFTensorSpec("w", [4], 0, bytes(16))]
+        ).data,
+    }
+
+
+def _unknown_vt() -> bytes:
+    built = build_gguf([("k", VT.UINT8, 1)])
+    data = bytearray(built.data)
+    struct.pack_into("<I", data, built.at["kv:k:type"], 99)
+    return bytes(data)
+
+
+def write_malformed_models(directory: Path) -> list[Path]:
+    """Write every malformed file of :func:`malformed_gguf` and
+    :func:`malformed_safetensors` (plus malformed sharded checkpoints) under
+    ``directory``; returns their paths, named by defect."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for suffix, corpus in ((".gguf", malformed_gguf()), (".safetensors", malformed_safetensors())):
+        for name, data in corpus.items():
+            path = directory / f"{name}{suffix}"
+            path.write_bytes(data)
+            paths.append(path)
+    shard = safetensors_bytes({"w": _st_entry("U8", [1], 1)}, b"\0")
+    for name, text in {
+        "index-no-weight-map": "{}",
+        "index-nan": '{"metadata": {"total_size": NaN}, "weight_map": {"w": "s.safetensors"}}',
+        "index-lone-surrogate": '{"weight_map": {"\\udfff": "s.safetensors"}}',
+        "index-missing-shard": '{"weight_map": {"w": "gone.safetensors"}}',
+    }.items():
+        checkpoint = directory / name
+        checkpoint.mkdir(exist_ok=True)
+        (checkpoint / "s.safetensors").write_bytes(shard)
+        index = checkpoint / "model.safetensors.index.json"
+        index.write_text(text)
+        paths.append(index)
+    return paths

@@ -272,3 +272,45 @@ def test_budget_smaller_than_a_layer_is_exit_2(model: Path, tmp_path: Path) -> N
 def test_no_command_or_unknown_command_is_exit_2(tmp_path: Path) -> None:
     assert_one_line_error(run_cli(cwd=tmp_path), 2)
     assert_one_line_error(run_cli("frobnicate", cwd=tmp_path), 2)
+
+
+# ---------------------------------------------------------------------- output paths
+
+
+@pytest.mark.parametrize(
+    ("command", "plot", "phrase"),
+    [
+        pytest.param("profile", "out.txt", "unsupported image type '.txt'", id="profile-txt"),
+        pytest.param("profile", "out", "no file extension", id="profile-no-extension"),
+        pytest.param("demo", "out.json", "unsupported image type '.json'", id="demo-json"),
+    ],
+)
+def test_unsupported_plot_type_is_refused_before_the_run(
+    model: Path, tmp_path: Path, command: str, plot: str, phrase: str
+) -> None:
+    args = (model, *FAST) if command == "profile" else ("--layers", "2", "--tokens", "1")
+    proc = run_cli(command, *args, "--plot", tmp_path / plot, cwd=tmp_path)
+    line = assert_one_line_error(proc, 2)
+    assert f"--plot {tmp_path / plot}: {phrase}" in line
+    assert ".png" in line  # says what would do
+    assert not (tmp_path / plot).exists()
+    assert not (tmp_path / "asyncpager-trace.json").exists()  # nothing ran
+
+
+def test_trace_and_plot_on_one_path_are_refused(model: Path, tmp_path: Path) -> None:
+    same = tmp_path / "out.png"
+    proc = run_cli("profile", model, *FAST, "--trace", same, "--plot", "./out.png", cwd=tmp_path)
+    line = assert_one_line_error(proc, 2)
+    assert "--trace and --plot both name" in line
+    assert not same.exists()
+
+
+def test_every_plot_format_is_one_matplotlib_writes() -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from asyncpager._plot import PLOT_FORMATS, plot_path_problem
+
+    supported = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    assert set(PLOT_FORMATS) <= set(supported)
+    assert plot_path_problem("x/OUT.PNG") is None

@@ -9,7 +9,8 @@ had) for its whole life, so:
   still loads. Tensors already resident keep their bytes; the rest of the model stays
   usable; a failed tensor is not cached, so it loads again once the file is whole.
 - **replaced** (``os.replace`` of another file onto the path): the descriptor still
-  names the old file, so the pager keeps serving the old bytes, consistently, until it
+  names the old file (for every file-backed source: FileSource, MmapSource,
+  AiofilesSource, MultiFileSource), so the pager keeps serving the old bytes, consistently, until it
   is reopened; a new ``FileSource`` on the path reads the new file.
 - **modified in place**: a reload reads the new bytes and says nothing, unless the
   pager was opened with ``verify="crc32"`` (see ``test_verify.py``); the same holds
@@ -26,6 +27,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -126,14 +128,19 @@ async def test_a_cut_tensor_fails_its_whole_scatter_read(
     assert_invariants(pager)
 
 
+@pytest.mark.parametrize(
+    "source",
+    [ap.FileSource, ap.MmapSource, ap.AiofilesSource, lambda path: ap.MultiFileSource([path])],
+    ids=["file", "mmap", "aiofiles", "multifile"],
+)
 async def test_a_replaced_file_is_not_seen_until_reopened(
-    tmp_path: Path, make_pager: PagerFactory
+    tmp_path: Path, make_pager: PagerFactory, source: Callable[[Path], ap.Source]
 ) -> None:
     path = tmp_path / "m.bin"
     old, infos = write_model(path, [PAGE, PAGE, 300])
     new = bytes(b ^ 0xFF for b in old)  # same layout, every byte different
     (tmp_path / "new.bin").write_bytes(new)
-    pager = make_pager(ap.FileSource(path), infos, budget_bytes=1 << 20, owns_source=True)
+    pager = make_pager(source(path), infos, budget_bytes=1 << 20, owns_source=True)
     async with pager.acquire("t0") as t0:
         assert t0.array.tobytes() == old[:PAGE]
     os.replace(tmp_path / "new.bin", path)

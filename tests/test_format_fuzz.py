@@ -125,6 +125,9 @@ def check_index(index: ModelIndex) -> None:
         assert info.offset >= 0
         assert info.end <= total
         assert info.nbytes == math.prod(info.shape or ()) * info.dtype.itemsize
+        # numpy can shape it (as the pager will): no header makes a load fail.
+        empty = np.frombuffer(bytes(info.nbytes), np.uint8).view(info.dtype)
+        assert empty.reshape(info.shape).nbytes == info.nbytes
         if info.nbytes:
             assert info.offset >= previous_end
             previous_end = info.end
@@ -211,7 +214,7 @@ tensor_specs = st.lists(
     st.builds(
         GGUFTensorSpec,
         name=st.sampled_from(["a", "b", "blk.0.c", "blk.1.d", "a"]),
-        ne=st.lists(st.sampled_from([0, 1, 2, 3, 32, 256, 2**33]), max_size=5),
+        ne=st.lists(st.sampled_from([0, 1, 2, 3, 32, 256, 2**33, 2**61, 2**62, 2**63]), max_size=5),
         ggml_type=st.sampled_from([0, 1, 2, 8, 12, 24, 28, 30, 39, 4, 100]),
         data=st.binary(max_size=300),
         offset=st.one_of(st.none(), st.sampled_from([0, 16, 32, 64, 96, 2**40])),
@@ -330,16 +333,32 @@ def test_safetensors_truncated(workdir: Path, st_seed: bytes, cut: int) -> None:
         read_index(path)
 
 
+# Strings json.dumps escapes as lone surrogates (\\ud800), which are not Unicode.
+_LONE_SURROGATES = ["\ud800", "a\udfffb", "\ude00\ud83d"]
 _junk: st.SearchStrategy[Any] = st.one_of(
-    st.none(), st.booleans(), st.floats(allow_nan=False), st.text(max_size=4), st.just([])
+    st.none(),
+    st.booleans(),
+    st.floats(),  # NaN and the infinities included: json.dumps writes them bare
+    st.text(max_size=4),
+    st.sampled_from(_LONE_SURROGATES),
+    st.just([]),
 )
-_count = st.one_of(st.integers(0, 64), st.sampled_from([2**32, 2**63, 2**64]), st.integers(-5, -1))
+_count = st.one_of(
+    st.integers(0, 64),
+    st.sampled_from([2**32, 2**62, 2**63 - 1, 2**63, 2**64]),
+    st.integers(-5, -1),
+)
+_shape = st.one_of(
+    st.lists(st.one_of(_count, _junk), max_size=4),
+    st.lists(st.sampled_from([0, 1, 2**62]), min_size=30, max_size=36),
+    _junk,
+)
 _entries = st.fixed_dictionaries(
     {
         "dtype": st.one_of(
             st.sampled_from(["F32", "F16", "BF16", "U8", "BOOL", "F4", "F6_E2M3", "C64"]), _junk
         ),
-        "shape": st.one_of(st.lists(st.one_of(_count, _junk), max_size=4), _junk),
+        "shape": _shape,
         "data_offsets": st.one_of(st.lists(st.one_of(_count, _junk), max_size=3), _junk),
     }
 )
@@ -348,7 +367,7 @@ _entries = st.fixed_dictionaries(
 @fuzz_settings(500)
 @given(
     header=st.dictionaries(
-        st.sampled_from(["a", "b", "model.layers.0.c", "__metadata__"]),
+        st.sampled_from(["a", "b", "model.layers.0.c", "__metadata__", *_LONE_SURROGATES]),
         st.one_of(_entries, _junk, st.dictionaries(st.text(max_size=3), st.text(max_size=3))),
         max_size=4,
     ),

@@ -7,7 +7,10 @@ down cleanly."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,10 +25,12 @@ pytest.importorskip("gguf")
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from asyncpager import read_index
 from asyncpager._synth import write_synthetic_gguf
 from examples.server.app import run_holding
 from examples.server.cli import parse_size
 from examples.server.loadtest import (
+    REPO,
     ServerProcess,
     check_outcomes,
     expected_results,
@@ -117,11 +122,15 @@ async def test_load_with_disconnects_answers_correctly_and_settles(model: Model)
 
 
 async def test_inputs_errors_and_sigterm(model: Model) -> None:
-    path, budget, expected = model
-    server = await ServerProcess.start(path, budget, "--loop", "asyncio")
+    path, _, expected = model
+    index = read_index(path)
+    layer_bytes = sum(index.tensors[n].nbytes for names in index.layers.values() for n in names)
+    server = await ServerProcess.start(path, "50%", "--loop", "asyncio")
     async with server, aiohttp.ClientSession() as session:
+        health = await get_json(session, f"{server.url}/healthz")
+        assert health["budget_bytes"] == layer_bytes // 2  # "50%" as the CLI reads it
         url = f"{server.url}/v1/forward"
-        async with session.post(url) as resp:  # no body: seed 0
+        async with session.post(url, json={}) as resp:  # an empty object: seed 0
             assert resp.status == 200
             empty = await resp.json()
         assert empty["result"] == expected[0]
@@ -129,43 +138,92 @@ async def test_inputs_errors_and_sigterm(model: Model) -> None:
         async with session.post(url, json={"vector": vector}) as resp:
             assert resp.status == 200
             assert (await resp.json())["result"]["layers"] == LAYERS
-        for bad in ({"seed": -1}, {"seed": "x"}, {"vector": []}, {"vector": ["a"]}, [1, 2]):
-            async with session.post(url, json=bad) as resp:
-                assert resp.status == 400, bad
-                assert "error" in await resp.json()
-        async with session.post(url, data=b"{not json") as resp:
-            assert resp.status == 400
+        bad_bodies: list[tuple[bytes, str]] = [
+            (b"", "the body is empty"),
+            (b"  \n", "the body is empty"),
+            (b"{not json", "not JSON"),
+            (b"[" * 100_000 + b"]" * 100_000, "nests too deeply"),
+            (b'{"seed": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "nests too deeply"),
+            (b'{"seed": 1, "sede": 2}', "unknown field(s) 'sede'"),
+            (b'{"prompt": "hi"}', "unknown field(s) 'prompt'"),
+            (b'{"seed": -1}', "seed"),
+            (b'{"seed": "x"}', "seed"),
+            (b'{"vector": []}', "vector"),
+            (b'{"vector": ["a"]}', "vector"),
+            (b"[1, 2]", "JSON object"),
+        ]
+        for body, phrase in bad_bodies:
+            headers = {"Content-Type": "application/json"}
+            async with session.post(url, data=body, headers=headers) as resp:
+                assert resp.status == 400, body[:40]
+                error = (await resp.json())["error"]
+                assert phrase in error, (body[:40], error)
         stats = await get_json(session, f"{server.url}/v1/stats")
-        assert stats["requests"] == {"ok": 2, "bad_request": 6}
+        assert stats["requests"] == {"ok": 2, "bad_request": len(bad_bodies)}
         await stop_cleanly(server, signal.SIGTERM)
 
 
-async def test_shutdown_cancels_requests_still_running(model: Model) -> None:
-    path, budget, _ = model
-    server = await ServerProcess.start(path, budget, "--shutdown-timeout", "0.2")
+@pytest.mark.parametrize(
+    ("args", "code", "phrase"),
+    [
+        pytest.param(("missing.gguf", "--budget", "1MiB"), 1, "missing.gguf", id="missing"),
+        pytest.param(("bad.gguf", "--budget", "1MiB"), 1, "bad.gguf: at byte", id="malformed"),
+        pytest.param(("model.gguf", "--budget", "1k"), 2, "cannot hold", id="budget-too-small"),
+        pytest.param(("model.gguf", "--budget=-5%"), 2, "invalid share", id="bad-share"),
+    ],
+)
+def test_startup_errors_exit_like_the_cli(
+    model: Model, tmp_path: Path, args: tuple[str, ...], code: int, phrase: str
+) -> None:
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00\xff\xff")
+    (tmp_path / "model.gguf").symlink_to(model[0])
+    proc = subprocess.run(
+        [sys.executable, "-m", "examples.server", *args, "--port", "0"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]  # argparse prints its usage first
+    assert phrase in last
+    if code == 1:
+        assert proc.stderr.strip() == last
+
+
+async def test_sigterm_answers_every_request_in_flight(model: Model) -> None:
+    """Requests that finish within --shutdown-timeout get their answer; those that
+    would not are cancelled and get 503 with a JSON error, never a hang-up."""
+    path, budget, expected = model
+    server = await ServerProcess.start(path, budget, "--shutdown-timeout", "3")
     async with server, aiohttp.ClientSession() as session:
         await wait_quiet(session, server.url)
 
-        async def slow_request() -> int:
-            body = {"seed": 1, "layer_delay_ms": 500}  # 8 x 0.5 s: longer than the timeout
-            try:
-                async with session.post(f"{server.url}/v1/forward", json=body) as resp:
-                    return resp.status
-            except aiohttp.ClientError:
-                return -1  # the connection closed without an answer
+        async def request(delay_ms: int) -> tuple[int, dict[str, Any]]:
+            body = {"seed": 1, "layer_delay_ms": delay_ms}
+            async with session.post(f"{server.url}/v1/forward", json=body) as resp:
+                return resp.status, await resp.json()
 
-        requests = [asyncio.create_task(slow_request()) for _ in range(4)]
-        async with asyncio.timeout(10):
-            for _ in range(200):  # polling a subprocess: no event to wait on
+        slow = [asyncio.create_task(request(1000)) for _ in range(3)]  # 8 x 1 s: too long
+        short = asyncio.create_task(request(150))  # 8 x 150 ms: done within the grace time
+        async with asyncio.timeout(20):
+            for _ in range(500):  # polling a subprocess: no event to wait on
                 health = await get_json(session, f"{server.url}/healthz")
-                if health["requests_in_flight"] == 4 and health["leases_held"]:
+                if health["requests_in_flight"] == 4:
                     break
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.01)
             else:
                 pytest.fail(f"the requests did not start: {health}")
-            await stop_cleanly(server)
-            results = await asyncio.gather(*requests)
-        assert all(status != 200 for status in results)
+            await stop_cleanly(server, signal.SIGTERM)
+            status, body = await short
+            assert status == 200
+            assert body["result"] == expected[1]
+            for status, body in await asyncio.gather(*slow):
+                assert status == 503
+                assert "shutting down" in body["error"]
 
 
 def test_parse_size() -> None:

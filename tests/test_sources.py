@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -89,3 +90,39 @@ async def test_direct_io_reads_aligned_superset(data_file: Path) -> None:
         start = len(DATA) - 4096
         await src.read_into(start, tail.data)  # reading past the end comes back short
         assert tail[:4096].tobytes() == DATA[start:]
+
+
+@pytest.mark.parametrize("how", ["replaced", "unlinked"])
+async def test_every_source_keeps_reading_the_file_it_opened(tmp_path: Path, how: str) -> None:
+    """Defect 6: AiofilesSource reopened the path for each new handle and so
+    followed a replaced file; every file-backed source must read the file it
+    opened until it is reopened (MemorySource holds its own bytes)."""
+    path = tmp_path / "data.bin"
+    new = bytes(b ^ 0xFF for b in DATA)
+    for make in (
+        lambda: ap.FileSource(path, chunk_bytes=1 << 20),
+        lambda: ap.MmapSource(path),
+        lambda: ap.AiofilesSource(path, max_handles=4),
+        lambda: ap.MultiFileSource([path]),
+    ):
+        path.write_bytes(DATA)
+        with make() as src:
+            first = bytearray(100)
+            await src.read_into(0, memoryview(first))  # opened, and used once
+            if how == "replaced":
+                (tmp_path / "new.bin").write_bytes(new)
+                os.replace(tmp_path / "new.bin", path)
+            else:
+                path.unlink()
+            # Several reads at once, so that every pooled handle is used.
+            outs = [bytearray(50_000) for _ in range(6)]
+            await asyncio.gather(
+                *(src.read_into(k * 400_000, memoryview(o)) for k, o in enumerate(outs))
+            )
+            for k, out in enumerate(outs):
+                assert bytes(out) == DATA[k * 400_000 : k * 400_000 + 50_000], src
+        if how == "replaced":
+            with make() as reopened:  # a new source sees the new file
+                out = bytearray(100)
+                await reopened.read_into(0, memoryview(out))
+                assert bytes(out) == new[:100], reopened

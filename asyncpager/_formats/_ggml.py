@@ -13,9 +13,11 @@ that it still does.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-import ml_dtypes
 import numpy as np
+
+from ._dtypes import numpy_dtype
 
 __all__ = ["GGML_TYPES", "GGMLType"]
 
@@ -24,25 +26,30 @@ __all__ = ["GGML_TYPES", "GGMLType"]
 class GGMLType:
     """One GGML tensor type: ``block_size`` elements are stored in ``type_size``
     bytes. ``dtype`` is the numpy type of one element for unquantized types, or
-    ``None`` for block-quantized ones (whose bytes are exposed as ``uint8`` rows)."""
+    ``None`` for block-quantized ones (whose bytes are exposed as ``uint8`` rows);
+    it is named by ``dtype_spec`` and resolved on first use (bfloat16 needs
+    ``ml_dtypes``, which ``import asyncpager`` must not import)."""
 
     name: str
     block_size: int
     type_size: int
-    dtype: np.dtype[np.generic] | None = None
+    dtype_spec: str | None = None
+
+    @property
+    def dtype(self) -> np.dtype[Any] | None:
+        return None if self.dtype_spec is None else numpy_dtype(self.dtype_spec)
 
 
-def _plain(name: str, dtype: object) -> GGMLType:
-    dt: np.dtype[np.generic] = np.dtype(dtype)  # type: ignore[call-overload]
-    return GGMLType(name, 1, dt.itemsize, dt)
+def _plain(name: str, spec: str, itemsize: int) -> GGMLType:
+    return GGMLType(name, 1, itemsize, spec)
 
 
 # ggml_type id -> layout. Ids 4, 5 (Q4_2, Q4_3), 31-33 and 36-38 (the removed
 # repacked Q4_0_x_x / IQ4_NL_x_x types) are deliberately absent: no current
 # writer produces them and their layouts are gone from ggml.
 GGML_TYPES: dict[int, GGMLType] = {
-    0: _plain("F32", "<f4"),
-    1: _plain("F16", "<f2"),
+    0: _plain("F32", "<f4", 4),
+    1: _plain("F16", "<f2", 2),
     2: GGMLType("Q4_0", 32, 18),
     3: GGMLType("Q4_1", 32, 20),
     6: GGMLType("Q5_0", 32, 22),
@@ -63,13 +70,13 @@ GGML_TYPES: dict[int, GGMLType] = {
     21: GGMLType("IQ3_S", 256, 110),
     22: GGMLType("IQ2_S", 256, 82),
     23: GGMLType("IQ4_XS", 256, 136),
-    24: _plain("I8", "i1"),
-    25: _plain("I16", "<i2"),
-    26: _plain("I32", "<i4"),
-    27: _plain("I64", "<i8"),
-    28: _plain("F64", "<f8"),
+    24: _plain("I8", "i1", 1),
+    25: _plain("I16", "<i2", 2),
+    26: _plain("I32", "<i4", 4),
+    27: _plain("I64", "<i8", 8),
+    28: _plain("F64", "<f8", 8),
     29: GGMLType("IQ1_M", 256, 56),
-    30: _plain("BF16", ml_dtypes.bfloat16),
+    30: _plain("BF16", "ml_dtypes.bfloat16", 2),
     34: GGMLType("TQ1_0", 256, 54),
     35: GGMLType("TQ2_0", 256, 66),
     39: GGMLType("MXFP4", 32, 17),

@@ -19,6 +19,8 @@ Invariants:
   reader.window))`` only when ``pos`` leaves the window held. Each header byte is
   read about once, nothing past the header (plus one window) is read, and memory
   stays at one window however long the vocabulary.
+- Every tensor's shape is one numpy can hold, with a zero dimension unable to
+  hide a huge one (``_index.shape_problem``).
 - Every malformed input raises ``FormatError(path, offset, problem)`` where
   ``offset`` is the byte at which the offending field starts.
 """
@@ -42,6 +44,7 @@ from ._index import (
     find_overlap,
     layer_of,
     overlap_problem,
+    shape_problem,
 )
 from ._reader import ByteReader, FileReader
 
@@ -423,6 +426,9 @@ class _GGUFParser:
             n_elements = math.prod(ne)
             if n_elements >= _INT64_LIMIT or (not n_elements and ne and max(ne) >= _INT64_LIMIT):
                 self.fail(dims_at, f"tensor {name!r} dimensions {list(ne)} overflow int64")
+            problem = shape_problem(ne, kind.type_size * 8, kind.block_size)
+            if problem is not None:
+                self.fail(dims_at, f"tensor {name!r} of type {kind.name}: {problem}")
             row = ne[0] if ne else 1
             if row % kind.block_size:
                 self.fail(

@@ -16,7 +16,7 @@ Invariants:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from operator import attrgetter
@@ -36,6 +36,7 @@ __all__ = [
     "find_overlap",
     "layer_of",
     "overlap_problem",
+    "shape_problem",
 ]
 
 FormatName: TypeAlias = Literal["gguf", "safetensors"]
@@ -91,6 +92,33 @@ def overlap_problem(later: TensorInfo, earlier: TensorInfo) -> str:
         f"tensor {later.name!r} (bytes {later.offset}..{later.end}) overlaps "
         f"tensor {earlier.name!r} (bytes {earlier.offset}..{earlier.end})"
     )
+
+
+MAX_NDIM = 32  # numpy 1.x's limit (2.x allows 64); real tensors have a handful
+_BITS_LIMIT = 1 << 64
+
+
+def shape_problem(shape: Sequence[int], bits: int, per: int = 1) -> str | None:
+    """Why a tensor of ``shape`` (non-negative ints) whose elements take
+    ``bits`` bits per ``per`` elements cannot be indexed, or ``None``.
+
+    Counting every zero dimension as 1, the tensor must span fewer than 2**64
+    bits: the reference safetensors reader's overflow rule, applied so that a
+    zero cannot hide a huge dimension (``[0, 2**62]`` holds no element, yet
+    numpy cannot even shape an empty array like it, and no writer makes one).
+    That also keeps every byte size and dimension within numpy's ``intp``.
+    """
+    if len(shape) > MAX_NDIM:
+        return f"shape has {len(shape)} dimensions, at most {MAX_NDIM}"
+    extent = bits
+    for dim in shape:
+        extent *= dim or 1
+    if extent >= _BITS_LIMIT * per:
+        return (
+            f"shape {list(shape)} overflows 64 bits: it would span 2**64 bits or more "
+            "(zero dimensions counted as 1)"
+        )
+    return None
 
 
 @final

@@ -14,12 +14,16 @@ Invariants:
   file, and no two non-empty tensors overlap (gaps are allowed).
 - A file parsed at ``base`` gets offsets ``base + 8 + header length + begin``,
   so shards can be laid end to end.
+- The header is standard JSON (no ``NaN``/``Infinity``, no lone surrogate
+  escapes: see ``_json``), and every shape is one numpy can hold, with a zero
+  dimension unable to hide a huge one (``_index.shape_problem``).
 - Every malformed input raises ``FormatError(path, offset, problem)``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from itertools import pairwise
@@ -28,12 +32,20 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any, NoReturn
 
-import ml_dtypes
 import numpy as np
 
 from .._errors import FormatError
 from .._tensor import TensorInfo
-from ._index import MetadataValue, ModelIndex, find_overlap, layer_of, overlap_problem
+from ._dtypes import numpy_dtype
+from ._index import (
+    MetadataValue,
+    ModelIndex,
+    find_overlap,
+    layer_of,
+    overlap_problem,
+    shape_problem,
+)
+from ._json import decode_json, strict_decoder
 from ._reader import ByteReader, FileReader, ObjectURL
 
 __all__ = [
@@ -49,46 +61,35 @@ __all__ = [
 MAX_HEADER_SIZE = 100_000_000  # the limit the reference implementation enforces
 _U64 = struct.Struct("<Q")
 _UINT8 = np.dtype(np.uint8)
-_SHAPE_LIMIT = 1 << 64
 
 
-def _dtypes() -> dict[str, tuple[np.dtype[Any] | None, int]]:
-    """safetensors dtype code -> (numpy dtype, bits per element). Packed
-    sub-byte types have no numpy dtype: their bytes are exposed as ``uint8``."""
-    table: dict[str, tuple[np.dtype[Any] | None, int]] = {
-        code: (np.dtype(spec), np.dtype(spec).itemsize * 8)
-        for code, spec in {
-            "BOOL": "?",
-            "U8": "u1",
-            "I8": "i1",
-            "U16": "<u2",
-            "I16": "<i2",
-            "U32": "<u4",
-            "I32": "<i4",
-            "U64": "<u8",
-            "I64": "<i8",
-            "F16": "<f2",
-            "F32": "<f4",
-            "F64": "<f8",
-            "C64": "<c8",
-        }.items()
-    }
-    for code, name in {
-        "BF16": "bfloat16",
-        "F8_E4M3": "float8_e4m3fn",
-        "F8_E5M2": "float8_e5m2",
-        "F8_E8M0": "float8_e8m0fnu",
-        "F8_E4M3FNUZ": "float8_e4m3fnuz",
-        "F8_E5M2FNUZ": "float8_e5m2fnuz",
-    }.items():
-        scalar = getattr(ml_dtypes, name, None)
-        dtype = np.dtype(scalar) if scalar is not None else None
-        table[code] = (dtype, 16 if code == "BF16" else 8)
-    table |= {"F4": (None, 4), "F6_E2M3": (None, 6), "F6_E3M2": (None, 6)}
-    return table
-
-
-SAFETENSORS_DTYPES = _dtypes()
+# safetensors dtype code -> (numpy dtype spec, bits per element); the spec is
+# resolved by ``numpy_dtype`` on first use (``ml_dtypes`` ones import it then).
+# Packed sub-byte types have no numpy dtype: their bytes are exposed as ``uint8``.
+SAFETENSORS_DTYPES: dict[str, tuple[str | None, int]] = {
+    "BOOL": ("?", 8),
+    "U8": ("u1", 8),
+    "I8": ("i1", 8),
+    "U16": ("<u2", 16),
+    "I16": ("<i2", 16),
+    "U32": ("<u4", 32),
+    "I32": ("<i4", 32),
+    "U64": ("<u8", 64),
+    "I64": ("<i8", 64),
+    "F16": ("<f2", 16),
+    "F32": ("<f4", 32),
+    "F64": ("<f8", 64),
+    "C64": ("<c8", 64),
+    "BF16": ("ml_dtypes.bfloat16", 16),
+    "F8_E4M3": ("ml_dtypes.float8_e4m3fn", 8),
+    "F8_E5M2": ("ml_dtypes.float8_e5m2", 8),
+    "F8_E8M0": ("ml_dtypes.float8_e8m0fnu", 8),
+    "F8_E4M3FNUZ": ("ml_dtypes.float8_e4m3fnuz", 8),
+    "F8_E5M2FNUZ": ("ml_dtypes.float8_e5m2fnuz", 8),
+    "F4": (None, 4),
+    "F6_E2M3": (None, 6),
+    "F6_E3M2": (None, 6),
+}
 
 
 def read_safetensors(path: Path, *, given: Path | None = None) -> ModelIndex:
@@ -158,6 +159,7 @@ class _JSONObject(list[tuple[str, Any]]):
 
 
 _PAIRS_DECODER = json.JSONDecoder(object_pairs_hook=_JSONObject)
+_STRICT_DECODER = strict_decoder()
 
 
 class SafetensorsFile:
@@ -205,13 +207,7 @@ class SafetensorsFile:
         if not self.raw.startswith(b"{"):
             raise FormatError(self.path, 8, "header does not start with '{'")
         self.text = text = decode_utf8(self.path, self.raw, 8, "header")
-        try:
-            header = json.loads(text)
-        except json.JSONDecodeError as exc:
-            at = 8 + len(text[: exc.pos].encode())
-            raise FormatError(self.path, at, f"header is not valid JSON: {exc.msg}") from None
-        except RecursionError:
-            raise FormatError(self.path, 8, "header nests JSON too deeply") from None
+        header = decode_json(self.path, text, 8, "header", _STRICT_DECODER)
         if type(header) is not dict:  # pragma: no cover - it starts with '{'
             raise FormatError(self.path, 8, "header is not a JSON object")
         # json.loads keeps the last of duplicate keys: if the text may hold
@@ -263,15 +259,16 @@ class SafetensorsFile:
             self.fail(name, f"tensor {name!r}: unknown dtype {code!r}")
         if type(shape) is not list:
             self.fail(name, f"tensor {name!r}: shape {shape!r} is not a list of non-negative ints")
-        n_elements = 1
         for dim in shape:
             if type(dim) is not int or dim < 0:
                 self.fail(
                     name, f"tensor {name!r}: shape {shape!r} is not a list of non-negative ints"
                 )
-            n_elements *= dim
-            if n_elements >= _SHAPE_LIMIT:
-                self.fail(name, f"tensor {name!r}: shape {shape} overflows 64 bits")
+        spec, bits = kind
+        problem = shape_problem(shape, bits)
+        if problem is not None:
+            self.fail(name, f"tensor {name!r} of {code}: {problem}")
+        n_elements = math.prod(shape)
         if (
             type(offsets) is not list
             or len(offsets) != 2
@@ -280,7 +277,7 @@ class SafetensorsFile:
             or not 0 <= offsets[0] <= offsets[1]
         ):
             self.fail(name, f"tensor {name!r}: data_offsets {offsets!r} are not [begin, end]")
-        dtype, bits = kind
+        dtype = None if spec is None else numpy_dtype(spec)
         nbits = n_elements * bits
         begin, end = offsets
         if nbits % 8 or end - begin != nbits // 8:

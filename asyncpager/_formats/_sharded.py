@@ -20,6 +20,7 @@ from typing import Any
 from .._errors import FormatError
 from .._tensor import TensorInfo
 from ._index import MetadataValue, ModelIndex
+from ._json import decode_json, strict_decoder
 from ._reader import LocalLocation, Location, ObjectURL
 from ._safetensors import decode_utf8, read_safetensors_from
 
@@ -146,22 +147,17 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _unique_decoder() -> json.JSONDecoder:
-    return json.JSONDecoder(object_pairs_hook=_unique_object)
+    return strict_decoder(object_pairs_hook=_unique_object)
 
 
 def _parse_json(path: Path | str, text: str, base: int, what: str) -> object:
-    """``json.loads`` with duplicate keys refused and every failure a FormatError
-    at the byte (``base`` + offset in ``text``) where it was found."""
+    """Strict ``json.loads`` with duplicate keys refused and every failure a
+    FormatError at the byte (``base`` + offset in ``text``) where it was found."""
     try:
-        return _DECODER.decode(text)
-    except json.JSONDecodeError as exc:
-        at = base + len(text[: exc.pos].encode())
-        raise FormatError(path, at, f"{what} is not valid JSON: {exc.msg}") from None
+        return decode_json(path, text, base, what, _DECODER)
     except _DuplicateKey as exc:
         at = base + _key_offset(text, exc.key, occurrence=2)
         raise FormatError(path, at, f"duplicate key {exc.key!r} in the {what}") from None
-    except RecursionError:
-        raise FormatError(path, base, f"{what} nests JSON too deeply") from None
 
 
 def _key_offset(text: str, key: str, occurrence: int = 1) -> int:

@@ -3,8 +3,10 @@ by every request.
 
 Endpoints:
 
-- ``POST /v1/forward``: JSON ``{"vector": [...]}`` or ``{"seed": n}`` (both optional;
-  ``"layer_delay_ms"`` adds simulated compute per layer while its leases are held).
+- ``POST /v1/forward``: a JSON object with ``"vector": [...]`` or ``"seed": n`` (both
+  optional: ``{}`` is seed 0; ``"layer_delay_ms"`` adds simulated compute per layer
+  while its leases are held). Any other field, an empty body, a body that is not a
+  JSON object or nests too deeply: 400 with ``{"error": "..."}``.
   Runs the toy forward pass of ``model.py`` layer by layer: each layer's tensors are
   leased with ``acquire_layer`` through an :class:`asyncpager.RequestScope`, used by a worker
   thread, and released before the next layer is acquired, so a request holds at most
@@ -13,7 +15,12 @@ Endpoints:
   request metrics).
 - ``GET /healthz``: budget, resident and in-flight bytes, loads in flight, waiting
   requests, leases held.
-- ``GET /v1/stats``: ``pager.stats()`` as JSON, and the server's request counts.
+- ``GET /v1/stats``: ``{"pager": pager.stats() as a dict, "requests": {outcome:
+  count}}`` (outcomes: ok, bad_request, cancelled, unavailable, error).
+
+Shutdown (:func:`drain`): new forward requests get 503; those running get the
+shutdown timeout to finish, then are cancelled and answer 503 ``{"error": ...}``, so
+a client always gets a response.
 
 Cancellation: the server runs with ``handler_cancellation=True``, so a client that
 disconnects cancels its handler. The handler then leaves its ``async with`` blocks,
@@ -42,21 +49,25 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from prometheus_client import Histogram as PromHistogram
 
 import asyncpager as ap
+from asyncpager._sizes import Budget
 from asyncpager.metrics import PagerCollector, leases_held
 
 from .model import Tensor, input_vector, layer_forward, summarize
 
-__all__ = ["ServerConfig", "ServerState", "make_app"]
+__all__ = ["ServerConfig", "ServerState", "drain", "make_app", "parse_body"]
 
 MAX_VECTOR = 16384
 MAX_LAYER_DELAY_MS = 1000.0
+FIELDS = ("vector", "seed", "layer_delay_ms")
 _T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
+    """``budget``: a size, or a share of the bytes of the model's layers (``50%``)."""
+
     model: Path
-    budget_bytes: int
+    budget: Budget
     prefetch_depth: int = 1
     policy: str = "schedule"
     compute_threads: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
@@ -76,6 +87,8 @@ class ServerState:
     compute_seconds: PromHistogram
     in_flight: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
+    forwards: set[asyncio.Task[Any]] = field(default_factory=set)
+    draining: bool = False
 
     def count(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
@@ -101,10 +114,15 @@ def make_app(config: ServerConfig) -> web.Application:
 async def _pager_context(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     index = await asyncio.to_thread(ap.read_index, config.model)  # header parse off-loop
+    budget_bytes = config.budget.resolve(
+        sum(index.tensors[name].nbytes for names in index.layers.values() for name in names)
+    )
+    if budget_bytes <= 0:
+        raise ValueError(f"the budget {config.budget.describe(0)} is no bytes at all")
     pager = ap.open(
         config.model,
         index=index,
-        budget_bytes=config.budget_bytes,
+        budget_bytes=budget_bytes,
         prefetch_depth=config.prefetch_depth,
         policy=config.policy,
     )
@@ -113,9 +131,9 @@ async def _pager_context(app: web.Application) -> AsyncIterator[None]:
         if not layer_order:
             raise ValueError(f"{config.model}: no transformer layers to run")
         largest = max(sum(pager.charge_of(n) for n in pager.layers[k]) for k in layer_order)
-        if largest > config.budget_bytes:
+        if largest > budget_bytes:
             raise ValueError(
-                f"the budget ({config.budget_bytes} bytes) cannot hold the largest layer "
+                f"the budget ({budget_bytes} bytes) cannot hold the largest layer "
                 f"({largest} bytes): every request would fail"
             )
         registry = CollectorRegistry()
@@ -162,20 +180,35 @@ class BadRequest(ValueError):
 async def forward(request: web.Request) -> web.Response:
     state = request.app[STATE]
     try:
-        x, delay = _parse(await request.read())
+        x, delay = parse_body(await request.read())
     except BadRequest as exc:
         state.count("bad_request")
         return web.json_response({"error": str(exc)}, status=400)
+    if state.draining:
+        state.count("unavailable")
+        return web.json_response({"error": "the server is shutting down"}, status=503)
     t0 = perf_counter()
     state.in_flight += 1
+    work = asyncio.create_task(_run_forward(state, x, delay), name="examples.server:forward")
+    state.forwards.add(work)
+    work.add_done_callback(state.forwards.discard)
     try:
-        result, scope_stats, compute = await _run_forward(state, x, delay)
+        # Awaiting the task passes a cancellation of this handler (the client left)
+        # on to it; it ends once its leases are released.
+        result, scope_stats, compute = await work
     except asyncio.CancelledError:
-        state.count("cancelled")  # the client went away; the scope released everything
-        raise
+        handler = asyncio.current_task()
+        if handler is not None and handler.cancelling():
+            state.count("cancelled")  # the client went away; the scope released everything
+            raise
+        state.count("unavailable")  # cancelled by drain(): answer, do not hang up
+        return web.json_response(
+            {"error": "the server is shutting down: the request ran past the shutdown timeout"},
+            status=503,
+        )
     except ap.PagerClosed:
         state.count("unavailable")
-        return web.json_response({"error": "shutting down"}, status=503)
+        return web.json_response({"error": "the server is shutting down"}, status=503)
     except Exception:
         state.count("error")
         raise
@@ -197,6 +230,23 @@ async def forward(request: web.Request) -> web.Response:
             "pager": asdict(scope_stats),
         }
     )
+
+
+async def drain(app: web.Application, timeout: float) -> None:
+    """Refuse new forward requests (503), give those running ``timeout`` seconds to
+    finish, then cancel the rest, each of which answers 503; returns when every one
+    has ended (a cancelled one first waits for its compute thread: see
+    :func:`run_holding`)."""
+    state = app[STATE]
+    state.draining = True
+    running = set(state.forwards)
+    if not running:
+        return
+    _, late = await asyncio.wait(running, timeout=timeout)
+    for work in late:
+        work.cancel()
+    if late:
+        await asyncio.wait(late)
 
 
 async def _run_forward(
@@ -242,13 +292,29 @@ async def run_holding(executor: ThreadPoolExecutor, fn: Callable[..., _T], *args
         raise
 
 
-def _parse(body: bytes) -> tuple[np.ndarray[Any, Any], float]:
+def parse_body(body: bytes) -> tuple[np.ndarray[Any, Any], float]:
+    """The input vector and per-layer delay (seconds) a forward request asks for.
+
+    Raises:
+        BadRequest: the body is empty, not a JSON object (or nested too deeply to
+            parse), has a field other than ``FIELDS``, or a field out of range.
+    """
+    if not body.strip():
+        raise BadRequest('the body is empty: send a JSON object such as {"seed": 1}')
     try:
-        data = json.loads(body) if body.strip() else {}
+        data = json.loads(body)
+    except RecursionError:
+        raise BadRequest("the body is not JSON this server reads: it nests too deeply") from None
     except ValueError as exc:
         raise BadRequest(f"the body is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BadRequest("the body must be a JSON object")
+    unknown = [key for key in data if key not in FIELDS]
+    if unknown:
+        raise BadRequest(
+            f"unknown field(s) {', '.join(map(repr, unknown))}: "
+            f"a forward request may have {', '.join(FIELDS)}"
+        )
     seed = data.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
         raise BadRequest("seed must be a non-negative integer")

@@ -62,7 +62,7 @@ class ServerProcess:
     async def start(
         cls,
         model: Path,
-        budget_bytes: int,
+        budget: int | str,
         *args: str,
         startup_timeout: float = 30.0,
     ) -> ServerProcess:
@@ -79,7 +79,7 @@ class ServerProcess:
             "examples.server",
             str(model),
             "--budget",
-            str(budget_bytes),
+            str(budget),
             "--host",
             "127.0.0.1",
             "--port",

@@ -169,7 +169,7 @@ def _make_store(url: str, storage_options: Mapping[str, Any] | None) -> tuple[_S
         elif scheme == "az":
             store = AzureStore(parts.netloc, client_options=client, retry_config=retry, **options)
         else:
-            root = urlunsplit((parts.scheme, parts.netloc, "", parts.query, ""))
+            root = urlunsplit((parts.scheme, parts.netloc, "", "", ""))  # no query: see README
             store = HTTPStore.from_url(root, client_options=client, retry_config=retry)
     except (obstore.exceptions.BaseError, ValueError, TypeError) as exc:
         raise SourceError(

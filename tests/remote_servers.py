@@ -79,6 +79,8 @@ class RangeServer:
         range_header = request.headers.get("Range")
         try:
             st = path.stat()
+            if not path.is_file():  # a directory is no object, as in S3
+                raise FileNotFoundError(rel)
         except FileNotFoundError:
             self.log.append(Served(request.method, rel, range_header, 404, 0))
             return web.Response(status=404)

@@ -125,6 +125,19 @@ def write_safetensors_model_like(path: Path, tensors: dict[str, np.ndarray]) -> 
     save_file(tensors, str(path))
 
 
+def test_sharded_prefix_without_slash(range_server: RangeServer, tmp_path: Path) -> None:
+    local = _models(tmp_path)["sharded"]
+    shutil.copytree(local, range_server.root / "ckpt")
+    index = ap.read_index(f"{range_server.url}/ckpt")
+    assert str(index.path) == f"{range_server.url}/ckpt"
+    assert [str(p).rsplit("/", 1)[-1] for p, _ in index.files] == sorted(
+        p.name for p in local.glob("*.safetensors")
+    )
+    assert [(t.name, t.offset, t.nbytes) for t in index] == [
+        (t.name, t.offset, t.nbytes) for t in read_index(local)
+    ]
+
+
 async def test_missing_object_is_an_error_at_open(range_server: RangeServer) -> None:
     with pytest.raises(FileNotFoundError, match="no such object"):
         ap.open(f"{range_server.url}/absent.gguf", budget_bytes=1 << 20)

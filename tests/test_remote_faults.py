@@ -167,3 +167,23 @@ def test_local_only_options_are_refused_for_files(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="apply to URLs"):
         ap.open(path, budget_bytes=1 << 20, cache_dir=tmp_path / "cache")
     assert np.uint8  # numpy imported for the model writer
+
+
+def test_each_scheme_builds_its_store_without_network() -> None:
+    from obstore.store import AzureStore, GCSStore, HTTPStore, S3Store
+
+    from asyncpager._remote import _make_store
+
+    cases = [
+        ("s3://bkt/dir/m.gguf", {"skip_signature": True}, S3Store),
+        ("gs://bkt/dir/m.gguf", {"skip_signature": True}, GCSStore),
+        ("az://ctr/dir/m.gguf", {"account_name": "acct", "skip_signature": True}, AzureStore),
+        ("https://host.example/dir/m.gguf", None, HTTPStore),
+    ]
+    for url, options, kind in cases:
+        store, key = _make_store(url, options)
+        assert isinstance(store.store, kind), url
+        assert key == "dir/m.gguf"
+        assert store.root + key == url
+    with pytest.raises(ValueError, match="unsupported URL scheme 'ftp'"):
+        _make_store("ftp://host/m.gguf", None)

@@ -48,7 +48,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
 from ._errors import SourceError
@@ -208,20 +208,22 @@ class ObjectReader(ByteReader):
         self.window = _HEADER_WINDOW
         meta = _sync_call(store, name, None, lambda ob: ob.head(store.store, key))
         self.size = int(meta["size"])
-        self.etag: str | None = meta.get("e_tag")
+        self.pin = _Pin(meta.get("e_tag"), meta.get("last_modified"), self.size)
+        self.etag = self.pin.etag
 
     def _read(self, offset: int, length: int) -> bytes:
         end = min(offset + length, self.size)
         if end <= offset:
             return b""
-        options: dict[str, Any] = {"range": (offset, end)}
-        if self.etag is not None:
-            options["if_match"] = self.etag
         rng = (offset, end)
+        options = self.pin.options(rng)
 
         def get(ob: Any) -> bytes:
-            result = ob.get(self._store.store, self._key, options=options)
-            _check_etag(self.url, self.etag, result.meta.get("e_tag"), rng)
+            try:
+                result = ob.get(self._store.store, self._key, options=options)
+            except ob.exceptions.PreconditionError:
+                self.pin.changed(self.url, rng, "a precondition failed")
+            self.pin.check(self.url, result.meta, rng)
             data: bytes = bytes(result.bytes())
             return data
 
@@ -230,11 +232,45 @@ class ObjectReader(ByteReader):
         return data
 
 
-def _check_etag(name: ObjectURL, pinned: str | None, now: str | None, rng: tuple[int, int]) -> None:
-    if pinned is not None and now is not None and now != pinned:
+@dataclass(frozen=True, slots=True)
+class _Pin:
+    """The object version a reader or source reads: its ETag when the store gives
+    one (sent as If-Match), else its Last-Modified time (If-Unmodified-Since) and
+    size; every answer is checked against it too."""
+
+    etag: str | None
+    last_modified: Any
+    size: int
+
+    @property
+    def key(self) -> str:
+        if self.etag is not None:
+            return f"etag:{self.etag}"
+        return f"modified:{self.last_modified}:{self.size}"
+
+    def options(self, rng: tuple[int, int]) -> dict[str, Any]:
+        options: dict[str, Any] = {"range": rng}
+        if self.etag is not None:
+            options["if_match"] = self.etag
+        elif self.last_modified is not None:
+            options["if_unmodified_since"] = self.last_modified
+        return options
+
+    def check(self, name: ObjectURL, meta: Mapping[str, Any], rng: tuple[int, int]) -> None:
+        etag = meta.get("e_tag")
+        if self.etag is not None and etag is not None and etag != self.etag:
+            self.changed(name, rng, f"ETag {etag}, opened at {self.etag}")
+        if self.etag is None:
+            modified, size = meta.get("last_modified"), meta.get("size")
+            if self.last_modified is not None and modified not in (None, self.last_modified):
+                self.changed(name, rng, f"modified {modified}, opened at {self.last_modified}")
+            if size is not None and size != self.size:
+                self.changed(name, rng, f"{size} bytes, opened at {self.size}")
+
+    def changed(self, name: ObjectURL, rng: tuple[int, int], why: str) -> NoReturn:
         raise SourceError(
             f"{name}: bytes {rng[0]}..{rng[1]}: the object changed since it was opened "
-            f"(ETag {now}, opened at {pinned}); reopen the model to read the new version"
+            f"({why}); reopen the model to read the new version"
         )
 
 
@@ -322,8 +358,8 @@ class DiskCache:
                 if tmp.stat().st_mtime < cutoff:
                     tmp.unlink()
 
-    def object_dir(self, url: str, etag: str | None, size: int, chunk_bytes: int) -> Path:
-        digest = hashlib.sha256(f"{url}\0{etag}\0{size}\0{chunk_bytes}".encode()).hexdigest()
+    def object_dir(self, url: str, version: str, size: int, chunk_bytes: int) -> Path:
+        digest = hashlib.sha256(f"{url}\0{version}\0{size}\0{chunk_bytes}".encode()).hexdigest()
         return self.root / digest[:32]
 
     def usage(self) -> int:
@@ -472,6 +508,7 @@ class ObjectStoreSource(Source):
         self.url = _reader.url
         self.size = _reader.size
         self.etag = _reader.etag
+        self._pin = _reader.pin
         self.chunk_bytes = chunk_bytes
         self.concurrency = concurrency
         self.retries = retries
@@ -485,7 +522,7 @@ class ObjectStoreSource(Source):
         self.prioritized = True  # demand GETs take free slots before background ones
         self.cache = DiskCache(cache_dir, cache_bytes) if cache_dir is not None else None
         self._cache_dir = (
-            self.cache.object_dir(self.url, self.etag, self.size, chunk_bytes)
+            self.cache.object_dir(self.url, self._pin.key, self.size, chunk_bytes)
             if self.cache is not None
             else None
         )
@@ -496,9 +533,7 @@ class ObjectStoreSource(Source):
     async def _get(self, start: int, end: int) -> memoryview:
         """Bytes ``[start, end)`` of the object at the pinned version, retried."""
         obstore = _import_obstore()
-        options: dict[str, Any] = {"range": (start, end)}
-        if self.etag is not None:
-            options["if_match"] = self.etag
+        options = self._pin.options((start, end))
         last: BaseException | None = None
         for attempt in range(self.retries + 1):
             if self._closed:
@@ -510,7 +545,7 @@ class ObjectStoreSource(Source):
                         result = await obstore.get_async(
                             self._store.store, self._key, options=options
                         )
-                        _check_etag(self.url, self.etag, result.meta.get("e_tag"), (start, end))
+                        self._pin.check(self.url, result.meta, (start, end))
                         data = memoryview(await result.bytes_async())
                 if data.nbytes != end - start:
                     raise EOFError(f"short body: {data.nbytes} of {end - start} bytes")
@@ -519,8 +554,7 @@ class ObjectStoreSource(Source):
             except SourceError:
                 raise
             except obstore.exceptions.PreconditionError:
-                _check_etag(self.url, self.etag, "<another version>", (start, end))
-                raise  # pragma: no cover - _check_etag raised
+                self._pin.changed(self.url, (start, end), "a precondition failed")
             except (FileNotFoundError, obstore.exceptions.PermissionDeniedError,
                     obstore.exceptions.UnauthenticatedError) as exc:  # fmt: skip
                 raise SourceError(

@@ -29,6 +29,7 @@ class Faults:
     hold: threading.Event | None = None  # GETs wait until it is set...
     hold_after: int = 0  # ...once this many GETs have been answered
     gets: int = 0
+    no_etag: bool = False  # answer without ETag (some HTTP servers do)
 
 
 @dataclass
@@ -90,6 +91,12 @@ class RangeServer:
             "Last-Modified": formatdate(st.st_mtime, usegmt=True),
             "Accept-Ranges": "bytes",
         }
+        if self.faults.no_etag:
+            del headers["ETag"]
+            since = request.if_unmodified_since
+            if since is not None and int(st.st_mtime) > since.timestamp():
+                self.log.append(Served(request.method, rel, range_header, 412, 0))
+                return web.Response(status=412)
         if request.method == "GET":
             faults = self.faults
             faults.gets += 1

@@ -106,6 +106,24 @@ async def test_replaced_object_is_refused_s3(moto_s3: MotoS3, tmp_path: Path) ->
             await src.read_into(0, memoryview(out))
 
 
+async def test_replaced_object_is_refused_without_etag(range_server: RangeServer) -> None:
+    """A server that sends no ETag: the version is Last-Modified + size."""
+    url, path = _serve_model(range_server)
+    range_server.faults.no_etag = True
+    with ObjectStoreSource(url, **FAST) as src:  # type: ignore[arg-type]
+        assert src.etag is None
+        out = bytearray(64)
+        await src.read_into(0, memoryview(out))
+        assert bytes(out) == path.read_bytes()[:64]
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        stat = path.stat()
+        path.write_bytes(data)  # same size, modified later
+        os.utime(path, (stat.st_atime + 10, stat.st_mtime + 10))
+        with pytest.raises(ap.SourceError, match="changed since it was opened"):
+            await src.read_into(0, memoryview(out))
+
+
 async def test_slow_server_is_bounded_by_the_timeout(range_server: RangeServer) -> None:
     url, _ = _serve_model(range_server)
     with ObjectStoreSource(url, retries=1, backoff=0.001, timeout=0.2) as src:

@@ -122,9 +122,12 @@ def _open_remote(
     io_workers: int,
     remote_options: Mapping[str, Any] | None,
 ) -> tuple[ModelIndex, Source]:
-    from ._remote import open_remote_sources, remote_location
+    from ._remote import DEFAULT_REMOTE_CHUNK_BYTES, open_remote_sources, remote_location
 
-    location = remote_location(url, storage_options)
+    chunk_bytes = (remote_options or {}).get("chunk_bytes", DEFAULT_REMOTE_CHUNK_BYTES)
+    location = remote_location(
+        url, storage_options, cache_dir=cache_dir, cache_bytes=cache_bytes, chunk_bytes=chunk_bytes
+    )
     index = read_index_at(location)
     sources = open_remote_sources(
         location,

@@ -200,7 +200,9 @@ def _check_credentials(
 class ObjectReader(ByteReader):
     """Ranged reads of one object at one version (ETag fixed by the HEAD at open)."""
 
-    def __init__(self, store: _Store, key: str, name: ObjectURL) -> None:
+    def __init__(
+        self, store: _Store, key: str, name: ObjectURL, cache: _HeaderCache | None = None
+    ) -> None:
         super().__init__()
         self._store = store
         self._key = key
@@ -210,8 +212,38 @@ class ObjectReader(ByteReader):
         self.size = int(meta["size"])
         self.pin = _Pin(meta.get("e_tag"), meta.get("last_modified"), self.size)
         self.etag = self.pin.etag
+        self._cache = cache
+        if cache is not None:
+            self.window = cache.chunk_bytes
+            self._chunk_dir = cache.disk.object_dir(
+                name, self.pin.key, self.size, cache.chunk_bytes
+            )
 
     def _read(self, offset: int, length: int) -> bytes:
+        if self._cache is None:
+            return self._fetch(offset, length)
+        # Through the disk cache, in the chunks the source uses: a header read once
+        # on this host is read from disk by every later open.
+        c, end = self._cache.chunk_bytes, min(offset + length, self.size)
+        parts = []
+        for k in range(offset // c, -(-end // c)):
+            chunk = self._chunk(k, c)
+            parts.append(chunk[max(offset, k * c) - k * c : min(end, (k + 1) * c) - k * c])
+        return b"".join(parts)
+
+    def _chunk(self, k: int, c: int) -> bytes:
+        assert self._cache is not None
+        length = min(c, self.size - k * c)
+        path = self._chunk_dir / f"{k:08d}.chunk"
+        buf = bytearray(length)
+        if self._cache.disk.read(path, length, 0, [memoryview(buf)]):
+            return bytes(buf)
+        data = self._fetch(k * c, length)
+        if len(data) == length:
+            self._cache.disk.write(path, memoryview(data))
+        return data
+
+    def _fetch(self, offset: int, length: int) -> bytes:
         end = min(offset + length, self.size)
         if end <= offset:
             return b""
@@ -228,7 +260,8 @@ class ObjectReader(ByteReader):
             return data
 
         data: bytes = _sync_call(self._store, self.url, rng, get)
-        self.window = min(self.window * 2, _HEADER_WINDOW_MAX)  # fewer round trips
+        if self._cache is None:
+            self.window = min(self.window * 2, _HEADER_WINDOW_MAX)  # fewer round trips
         return data
 
 
@@ -288,29 +321,42 @@ def _sync_call(store: _Store, name: ObjectURL, rng: tuple[int, int] | None, call
         raise SourceError(f"{name}: {where}: {_clean(exc, store.secrets)}") from None
 
 
+@dataclass(frozen=True, slots=True)
+class _HeaderCache:
+    disk: DiskCache
+    chunk_bytes: int
+
+
 class ObjectLocation(Location):
     """An object (or a key prefix, for a sharded checkpoint) in a store."""
 
-    def __init__(self, store: _Store, key: str, opened: dict[str, ObjectReader]) -> None:
+    def __init__(
+        self,
+        store: _Store,
+        key: str,
+        opened: dict[str, ObjectReader],
+        cache: _HeaderCache | None = None,
+    ) -> None:
         self.store = store
         self.key = key
         self.name = self.url = ObjectURL(store.root + key)
         self.opened = opened  # key -> the reader that fixed its size and ETag
+        self.cache = cache
 
     def open_reader(self) -> ByteReader:
         reader = self.opened.get(self.key)
         if reader is None:
-            reader = ObjectReader(self.store, self.key, self.url)
+            reader = ObjectReader(self.store, self.key, self.url, self.cache)
             self.opened[self.key] = reader
         return reader
 
     def sibling(self, relative: str) -> Location:
         parent = self.key.rsplit("/", 1)[0] + "/" if "/" in self.key else ""
-        return ObjectLocation(self.store, parent + relative, self.opened)
+        return ObjectLocation(self.store, parent + relative, self.opened, self.cache)
 
     def child(self, name: str) -> Location:
         prefix = self.key if self.key.endswith("/") or not self.key else self.key + "/"
-        return ObjectLocation(self.store, prefix + name, self.opened)
+        return ObjectLocation(self.store, prefix + name, self.opened, self.cache)
 
     def is_file(self) -> bool:
         if not self.key or self.key.endswith("/"):
@@ -330,9 +376,21 @@ class ObjectLocation(Location):
         return any(self.child(n).is_file() for n in (INDEX_FILE_NAME, "model.safetensors"))
 
 
-def remote_location(url: str, storage_options: Mapping[str, Any] | None = None) -> ObjectLocation:
+def remote_location(
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    cache_bytes: int | None = None,
+    chunk_bytes: int = DEFAULT_REMOTE_CHUNK_BYTES,
+) -> ObjectLocation:
+    """The object or prefix ``url`` names; with ``cache_dir``, its header reads go
+    through the disk cache in ``chunk_bytes`` chunks (those its sources will use)."""
     store, key = _make_store(url, storage_options)
-    return ObjectLocation(store, key, {})
+    cache = None
+    if cache_dir is not None:
+        cache = _HeaderCache(DiskCache(cache_dir, cache_bytes), chunk_bytes)
+    return ObjectLocation(store, key, {}, cache)
 
 
 # -- the disk cache ---------------------------------------------------------
@@ -496,6 +554,7 @@ class ObjectStoreSource(Source):
         cache_bytes: int | None = None,
         io_workers: int = 2,
         _reader: ObjectReader | None = None,
+        _cache: DiskCache | None = None,
     ) -> None:
         if chunk_bytes <= 0 or concurrency <= 0 or retries < 0:
             raise ValueError("chunk_bytes and concurrency must be positive, retries >= 0")
@@ -520,7 +579,9 @@ class ObjectStoreSource(Source):
         self._io_workers = max(1, io_workers)
         self.executor = PriorityThreadPool(io_workers, "asyncpager-remote")
         self.prioritized = True  # demand GETs take free slots before background ones
-        self.cache = DiskCache(cache_dir, cache_bytes) if cache_dir is not None else None
+        if _cache is None and cache_dir is not None:
+            _cache = DiskCache(cache_dir, cache_bytes)
+        self.cache = _cache
         self._cache_dir = (
             self.cache.object_dir(self.url, self._pin.key, self.size, chunk_bytes)
             if self.cache is not None
@@ -790,5 +851,6 @@ def open_remote_sources(
             reader = ObjectReader(location.store, key, url)
         if reader.size != size:  # pragma: no cover - the reader fixed both
             raise SourceError(f"{url}: size changed from {size} to {reader.size}")
-        sources.append(ObjectStoreSource(str(url), _reader=reader, **options))
+        cache = location.cache.disk if location.cache is not None else None
+        sources.append(ObjectStoreSource(str(url), _reader=reader, _cache=cache, **options))
     return sources

@@ -296,12 +296,11 @@ def _remote_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _read_index(args: argparse.Namespace) -> ModelIndex:
-    storage = dict(getattr(args, "storage_option", None) or [])
-    return read_index(args.model, storage_options=storage or None)
+    options = _remote_options(args)
+    return read_index(args.model, **options)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    _remote_options(args)
     index = _read_index(args)
     if args.json:
         print(json.dumps(describe_index(index, largest=args.top), indent=2))

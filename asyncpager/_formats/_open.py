@@ -32,7 +32,11 @@ _JSON_WHITESPACE = b" \t\r\n"
 
 
 def read_index(
-    path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+    path: str | os.PathLike[str],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    cache_bytes: int | None = None,
 ) -> ModelIndex:
     """Read the header of the model at ``path`` into a :class:`ModelIndex`.
 
@@ -43,7 +47,9 @@ def read_index(
     directory), ``storage_options`` going to the store. The format comes from the
     content: GGUF by its ``GGUF`` magic, safetensors by an 8-byte header length
     followed by ``{``, an index by being a JSON object. Only headers are read
-    (ranged reads of a growing prefix; never a memory map).
+    (ordinary or ranged reads of a window; never a memory map). For a URL,
+    ``cache_dir`` (at most ``cache_bytes``) keeps the header's chunks on local disk,
+    as ``ap.open`` does.
 
     Raises:
         FormatError: the file is malformed or of no known format; the message
@@ -54,7 +60,12 @@ def read_index(
     if is_url(path):
         from .._remote import remote_location
 
-        return read_index_at(remote_location(str(path), storage_options))
+        location = remote_location(
+            str(path), storage_options, cache_dir=cache_dir, cache_bytes=cache_bytes
+        )
+        return read_index_at(location)
+    if cache_dir is not None or storage_options is not None:
+        raise ValueError("cache_dir and storage_options apply to URLs, not local files")
     return read_index_at(LocalLocation(Path(path)))
 
 

@@ -2,16 +2,20 @@
 
 - :class:`ObjectLocation` / :class:`ObjectReader`: the header of a remote model read
   with ranged GETs of a window that grows (doubling, 512 KiB to 4 MiB), so opening a
-  10 GB checkpoint fetches about its header, not the checkpoint.
+  10 GB checkpoint fetches about its header, not the checkpoint; with a disk cache,
+  in the cache's chunks instead, so a warm open is one HEAD.
 - :class:`ObjectStoreSource`: the pager's Source over one object, ranged reads split
-  into ``chunk_bytes`` pieces of which at most ``concurrency`` are in flight.
+  into pieces of at most ``chunk_bytes`` of which at most ``concurrency`` are in
+  flight, a freed slot going to a demand read before a prefetch one
+  (:class:`_PrioritySlots`, state only: no I/O).
 - :class:`DiskCache`: chunks kept on local disk per object and version.
 
 Invariants:
 
-- A source's object version (ETag) is fixed when it is opened; every GET carries
-  ``If-Match`` with it and its answer's ETag is compared too, so a replaced object
-  is refused (``SourceError``), never mixed with bytes of the old one.
+- A source's object version is fixed when it is opened (:class:`_Pin`: the ETag,
+  else Last-Modified + size); every GET carries it as a precondition (``If-Match`` /
+  ``If-Unmodified-Since``) and its answer is compared too, so a replaced object is
+  refused (``SourceError``), never mixed with bytes of the old one.
 - Transient failures (5xx, dropped connections, timeouts, short bodies) are retried
   ``retries`` times with exponential backoff, then raise ``SourceError`` naming the
   object, the byte range and the cause. A missing object, refused credentials or a

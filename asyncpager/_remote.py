@@ -156,8 +156,11 @@ def _make_store(url: str, storage_options: Mapping[str, Any] | None) -> tuple[_S
     allow_imds = bool(options.pop("allow_instance_metadata", False))
     secrets_ = tuple(str(v) for k, v in options.items() if _CREDENTIAL_KEYS.search(k) and v)
     secrets_ += tuple(s for s in (parts.password, parts.query) if s)
-    endpoint = str(options.get("endpoint", options.get("aws_endpoint", "")))
-    if scheme == "http" or endpoint.startswith("http://"):
+    # A plain-http endpoint (a local S3-compatible server, an emulator), given in the
+    # options under any of the store's spellings or in the environment, is allowed.
+    endpoints = [str(v) for k, v in options.items() if "endpoint" in k.lower()]
+    endpoints += [v for k, v in os.environ.items() if k.startswith(("AWS_ENDPOINT", "AZURE_"))]
+    if scheme == "http" or any(e.startswith("http://") for e in endpoints):
         client.setdefault("allow_http", True)
     client.setdefault("connect_timeout", timedelta(seconds=10))
     retry: Any = {"max_retries": 0}  # we retry ourselves, so the policy is visible and tested

@@ -74,6 +74,18 @@ async def test_s3_every_tensor(moto_s3: MotoS3, tmp_path: Path, kind: str) -> No
     assert str(pager.index.path) == url
 
 
+async def test_s3_credentials_and_endpoint_from_the_environment(
+    moto_s3: MotoS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = _models(tmp_path)["gguf"]
+    url = moto_s3.upload(local, f"{tmp_path.name}/env/{local.name}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", moto_s3.key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", moto_s3.secret)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_s3.endpoint)
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    await assert_every_tensor_matches(url, local)
+
+
 @pytest.mark.parametrize("kind", ["gguf", "safetensors", "sharded"])
 async def test_http_every_tensor(range_server: RangeServer, tmp_path: Path, kind: str) -> None:
     local = _models(tmp_path)[kind]

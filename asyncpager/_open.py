@@ -81,7 +81,9 @@ def open(
     and tensors are paged with :class:`ObjectStoreSource` (``storage_options`` go to
     the store, credentials default to the environment; ``remote_options`` to the
     source: ``chunk_bytes``, ``concurrency``, ``retries``, ``backoff``, ``timeout``).
-    ``cache_dir`` keeps fetched chunks on local disk (at most ``cache_bytes``).
+    ``cache_dir`` keeps fetched chunks on local disk (at most ``cache_bytes``). For a
+    URL the index is always read (that is what pins the object's version), so
+    ``index`` is not used.
 
     Raises:
         FormatError: the file is malformed (names the file, offset and problem).

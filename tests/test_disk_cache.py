@@ -5,6 +5,7 @@ a full disk degrades to reading from the store, with a warning."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
 import json
@@ -182,3 +183,34 @@ async def test_full_disk_degrades_to_the_store(
     assert "reading from the store instead" in warnings[0]
     assert not list(cache.rglob("*.chunk"))
     assert not list(cache.rglob("*.tmp"))
+
+
+async def test_a_chunk_is_fetched_once_by_concurrent_readers(
+    range_server: RangeServer, tmp_path: Path
+) -> None:
+    url, _ = _model(range_server)
+    data = (range_server.root / "m.safetensors").read_bytes()
+    hold = threading.Event()
+    src = ap.ObjectStoreSource(url, chunk_bytes=CHUNK, cache_dir=tmp_path / "cache")
+    with src:
+        range_server.faults.hold = hold
+        range_server.faults.hold_after = range_server.faults.gets  # every GET from now waits
+        outs = [bytearray(1000) for _ in range(4)]
+        starts = [CHUNK + 10, CHUNK + 5000, CHUNK + 20000, CHUNK + 60000]
+        reads = [
+            asyncio.ensure_future(src.read_into(at, memoryview(out)))
+            for at, out in zip(starts, outs, strict=True)
+        ]
+        for _ in range(200):  # the first GET is held at the server
+            if range_server.faults.gets > range_server.faults.hold_after:
+                break
+            await asyncio.sleep(0.005)
+        hold.set()
+        await asyncio.gather(*reads)
+        for at, out in zip(starts, outs, strict=True):
+            assert bytes(out) == data[at : at + 1000]
+        assert (
+            len([s for s in range_server.gets() if s.range == f"bytes={CHUNK}-{2 * CHUNK - 1}"])
+            == 1
+        )
+        assert src.stats.requests == 1

@@ -156,10 +156,6 @@ async def through_pager(model: str, **options: Any) -> tuple[float, float, int]:
     return first, total, nbytes
 
 
-def best(runs: list[tuple[float, ...]]) -> tuple[float, ...]:
-    return min(runs, key=lambda r: r[-1] if len(r) == 1 else r[1])
-
-
 _RUNAI = """
 import sys, time
 from runai_model_streamer import SafetensorsStreamer
@@ -226,7 +222,7 @@ def bench_s3(path: Path, runai_python: str | None, repeat: int) -> list[list[obj
             [path.name, "S3 (b) obstore 8 MiB x 8 (ceiling)", "-", ceil, size / MiB / ceil, 1.0]
         )
         runs = [asyncio.run(through_pager(url, storage_options=options)) for _ in range(repeat)]
-        first, total, nbytes = best(runs)  # type: ignore[misc]
+        first, total, nbytes = min(runs, key=lambda r: r[1])
         rows.append(
             [path.name, "S3 asyncpager cold", first, total, nbytes / MiB / total, ceil / total]
         )
@@ -276,52 +272,54 @@ async def ceiling_s3(options: dict[str, str], key: str, size: int) -> float:
 
 
 def bench_model(path: Path, server: Server, served: Path, repeat: int) -> list[list[object]]:
+    """Every run of a model, interleaved round by round (this machine is shared, so a
+    run and its baseline see the same load), the best of ``repeat`` rounds kept."""
     name = path.name
     url = f"{server.url}/{name}"
     size = path.stat().st_size
-    rows: list[list[object]] = []
-    full = min(asyncio.run(plain_get(url)) for _ in range(repeat))
-    ceil = min(asyncio.run(ceiling(url, size)) for _ in range(repeat))
     mib = size / MiB
-    rows.append([name, "(a) one plain GET", "-", full, mib / full, "-"])
-    rows.append([name, "(b) obstore 8 MiB x 8 (ceiling)", "-", ceil, mib / ceil, 1.0])
-    variants = [
+    variants: list[tuple[str, dict[str, Any]]] = [
         ("asyncpager cold (defaults 8 MiB x 8)", {}),
         ("asyncpager cold, 4 MiB x 8", {"remote_options": {"chunk_bytes": 4 * MiB}}),
         ("asyncpager cold, 16 MiB x 8", {"remote_options": {"chunk_bytes": 16 * MiB}}),
         ("asyncpager cold, 8 MiB x 4", {"remote_options": {"concurrency": 4}}),
         ("asyncpager cold, 8 MiB x 16", {"remote_options": {"concurrency": 16}}),
     ]
-    cold_first = 0.0
-    for label, options in variants:
-        first, total, nbytes = best(
-            [asyncio.run(through_pager(url, **options)) for _ in range(repeat)]
-        )  # type: ignore[list-item]
-        if not options:
-            cold_first = first
-        rows.append([name, label, first, total, nbytes / MiB / total, ceil / total * size / nbytes])
+    fulls: list[float] = []
+    ceils: list[float] = []
+    runs: dict[str, list[tuple[float, float, int]]] = {label: [] for label, _ in variants}
+    runs["local"], runs["warm"] = [], []
     cache = Path(tempfile.mkdtemp(prefix="bench-remote-cache-"))
     try:
-        asyncio.run(through_pager(url, cache_dir=cache))  # fill
-        warm = best([asyncio.run(through_pager(url, cache_dir=cache)) for _ in range(repeat)])
-        local = best([asyncio.run(through_pager(str(path))) for _ in range(repeat)])
+        asyncio.run(through_pager(url, cache_dir=cache))  # fill the disk cache
+        for _ in range(repeat):
+            fulls.append(asyncio.run(plain_get(url)))
+            ceils.append(asyncio.run(ceiling(url, size)))
+            for label, options in variants:
+                runs[label].append(asyncio.run(through_pager(url, **options)))
+            runs["local"].append(asyncio.run(through_pager(str(path))))
+            runs["warm"].append(asyncio.run(through_pager(url, cache_dir=cache)))
     finally:
         shutil.rmtree(cache)
-    rows.append(
-        [
-            name,
-            "FileSource, local file (warm baseline)",
-            local[0],
-            local[1],
-            local[2] / MiB / local[1],
-            "-",
-        ]
-    )
-    rows.append(
-        [name, "asyncpager warm, disk cache", warm[0], warm[1], warm[2] / MiB / warm[1], "-"]
-    )
+    full, ceil = min(fulls), min(ceils)
+    rows: list[list[object]] = [
+        [name, "(a) one plain GET", "-", full, mib / full, "-"],
+        [name, "(b) obstore 8 MiB x 8 (ceiling)", "-", ceil, mib / ceil, 1.0],
+    ]
+    for label, _ in variants:
+        first, total, nbytes = min(runs[label], key=lambda r: r[1])
+        rows.append([name, label, first, total, nbytes / MiB / total, ceil / total * size / nbytes])
+    cold = min(runs[variants[0][0]], key=lambda r: r[1])
+    cold_first = min(r[0] for r in runs[variants[0][0]])
+    local = min(runs["local"], key=lambda r: r[1])
+    warm = min(runs["warm"], key=lambda r: r[1])
+    for label, (first, total, nbytes) in (
+        ("FileSource, local file (warm baseline)", local),
+        ("asyncpager warm, disk cache", warm),
+    ):
+        rows.append([name, label, first, total, nbytes / MiB / total, "-"])
     print(
-        f"{name}: cold/ceiling {ceil / rows[2][3]:.2f}x (target >= 0.8); "
+        f"{name}: cold/ceiling {ceil / cold[1]:.2f}x (target >= 0.8); "
         f"first layer / full download {cold_first / full:.3f} (target <= 0.1); "
         f"warm cache / FileSource {local[1] / warm[1]:.2f}x (target >= 0.9)",
         flush=True,
@@ -332,7 +330,7 @@ def bench_model(path: Path, server: Server, served: Path, repeat: int) -> list[l
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024, help="generated safetensors size")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per row (best is kept)")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds (best kept per row)")
     parser.add_argument("--runai-python", help="a Python with runai-model-streamer and torch")
     parser.add_argument("--no-gemma", action="store_true")
     parser.add_argument("--s3-size-mib", type=int, default=64, help="safetensors for the S3 rows")

@@ -44,7 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _benchutil import table
+from _benchutil import median, table
 
 import asyncpager as ap
 
@@ -217,12 +217,12 @@ def bench_s3(path: Path, runai_python: str | None, repeat: int) -> list[list[obj
         url = f"s3://bench/{path.name}"
         size = path.stat().st_size
         options = {"endpoint": endpoint, "region": "us-east-1", **creds}
-        ceil = min(asyncio.run(ceiling_s3(options, path.name, size)) for _ in range(repeat))
+        ceil = median([asyncio.run(ceiling_s3(options, path.name, size)) for _ in range(repeat)])
         rows.append(
             [path.name, "S3 (b) obstore 8 MiB x 8 (ceiling)", "-", ceil, size / MiB / ceil, 1.0]
         )
         runs = [asyncio.run(through_pager(url, storage_options=options)) for _ in range(repeat)]
-        first, total, nbytes = min(runs, key=lambda r: r[1])
+        first, total, nbytes = (median([r[i] for r in runs]) for i in range(3))
         rows.append(
             [path.name, "S3 asyncpager cold", first, total, nbytes / MiB / total, ceil / total]
         )
@@ -238,7 +238,7 @@ def bench_s3(path: Path, runai_python: str | None, repeat: int) -> list[list[obj
             results = [runai(runai_python, url, env) for _ in range(repeat)]
             ok = [r for r in results if not isinstance(r, str)]
             if ok:
-                rf, rt, rn = min(ok, key=lambda r: r[1])
+                rf, rt, rn = (median([r[i] for r in ok]) for i in range(3))
                 rows.append(
                     [path.name, "S3 (c) runai-model-streamer", rf, rt, rn / MiB / rt, ceil / rt]
                 )
@@ -273,7 +273,8 @@ async def ceiling_s3(options: dict[str, str], key: str, size: int) -> float:
 
 def bench_model(path: Path, server: Server, served: Path, repeat: int) -> list[list[object]]:
     """Every run of a model, interleaved round by round (this machine is shared, so a
-    run and its baseline see the same load), the best of ``repeat`` rounds kept."""
+    run and its baseline see the same load); rows show the median of ``repeat``
+    rounds, ratios are the median of the per-round ratios."""
     name = path.name
     url = f"{server.url}/{name}"
     size = path.stat().st_size
@@ -301,27 +302,34 @@ def bench_model(path: Path, server: Server, served: Path, repeat: int) -> list[l
             runs["warm"].append(asyncio.run(through_pager(url, cache_dir=cache)))
     finally:
         shutil.rmtree(cache)
-    full, ceil = min(fulls), min(ceils)
+    full, ceil = median(fulls), median(ceils)
     rows: list[list[object]] = [
         [name, "(a) one plain GET", "-", full, mib / full, "-"],
         [name, "(b) obstore 8 MiB x 8 (ceiling)", "-", ceil, mib / ceil, 1.0],
     ]
+
+    def med(label: str) -> tuple[float, float, int]:
+        got = runs[label]
+        return median([r[0] for r in got]), median([r[1] for r in got]), got[0][2]
+
     for label, _ in variants:
-        first, total, nbytes = min(runs[label], key=lambda r: r[1])
-        rows.append([name, label, first, total, nbytes / MiB / total, ceil / total * size / nbytes])
-    cold = min(runs[variants[0][0]], key=lambda r: r[1])
-    cold_first = min(r[0] for r in runs[variants[0][0]])
-    local = min(runs["local"], key=lambda r: r[1])
-    warm = min(runs["warm"], key=lambda r: r[1])
-    for label, (first, total, nbytes) in (
-        ("FileSource, local file (warm baseline)", local),
-        ("asyncpager warm, disk cache", warm),
+        first, total, nbytes = med(label)
+        ratio = median([c / r[1] * size / r[2] for c, r in zip(ceils, runs[label], strict=True)])
+        rows.append([name, label, first, total, nbytes / MiB / total, ratio])
+    for label, key in (
+        ("FileSource, local file (warm baseline)", "local"),
+        ("asyncpager warm, disk cache", "warm"),
     ):
+        first, total, nbytes = med(key)
         rows.append([name, label, first, total, nbytes / MiB / total, "-"])
+    cold_runs = runs[variants[0][0]]
+    cold_ratio = median([c / r[1] for c, r in zip(ceils, cold_runs, strict=True)])
+    first_ratio = median([r[0] / f for f, r in zip(fulls, cold_runs, strict=True)])
+    warm_ratio = median([lo[1] / w[1] for lo, w in zip(runs["local"], runs["warm"], strict=True)])
     print(
-        f"{name}: cold/ceiling {ceil / cold[1]:.2f}x (target >= 0.8); "
-        f"first layer / full download {cold_first / full:.3f} (target <= 0.1); "
-        f"warm cache / FileSource {local[1] / warm[1]:.2f}x (target >= 0.9)",
+        f"{name}: cold/ceiling {cold_ratio:.2f}x (target >= 0.8); "
+        f"first layer / full download {first_ratio:.3f} (target <= 0.1); "
+        f"warm cache / FileSource {warm_ratio:.2f}x (target >= 0.9)",
         flush=True,
     )
     return rows

@@ -37,6 +37,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import fcntl
@@ -47,6 +48,7 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -167,6 +169,15 @@ def _make_store(url: str, storage_options: Mapping[str, Any] | None) -> tuple[_S
     key = parts.path.lstrip("/")
     if scheme != "http":
         _check_credentials(scheme, options, allow_imds, display_url(url))
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES))
+    recipe = repr((scheme, parts.netloc, sorted(options.items()), sorted(client.items()), env))
+    digest = hashlib.sha256(recipe.encode()).hexdigest()
+    root = display_url(urlunsplit((parts.scheme, parts.netloc, "/", "", "")))
+    with _STORES_LOCK:
+        cached = _STORES.get(digest)
+        if cached is not None:
+            _STORES.move_to_end(digest)
+            return cached, key
     store: Any
     try:
         if scheme == "s3":
@@ -176,14 +187,28 @@ def _make_store(url: str, storage_options: Mapping[str, Any] | None) -> tuple[_S
         elif scheme == "az":
             store = AzureStore(parts.netloc, client_options=client, retry_config=retry, **options)
         else:
-            root = urlunsplit((parts.scheme, parts.netloc, "", "", ""))  # no query: see README
-            store = HTTPStore.from_url(root, client_options=client, retry_config=retry)
+            base = urlunsplit((parts.scheme, parts.netloc, "", "", ""))  # no query: see README
+            store = HTTPStore.from_url(base, client_options=client, retry_config=retry)
     except (obstore.exceptions.BaseError, ValueError, TypeError) as exc:
         raise SourceError(
             f"{display_url(url)}: cannot configure the store: {_clean(exc, secrets_)}"
         ) from None
-    root = display_url(urlunsplit((parts.scheme, parts.netloc, "/", "", "")))
-    return _Store(store, scheme, root, secrets_), key
+    made = _Store(store, scheme, root, secrets_)
+    with _STORES_LOCK:
+        _STORES[digest] = made
+        while len(_STORES) > _MAX_STORES:
+            _STORES.popitem(last=False)
+    return made, key
+
+
+#: Stores already made, by a digest of everything that configures them (options,
+#: client options, the credential environment): making one costs ~40 ms (an HTTP
+#: client and its TLS roots), and read_index then open, or several models from one
+#: bucket, would otherwise pay it each time. Bounded, least recently used dropped.
+_STORES: collections.OrderedDict[str, _Store] = collections.OrderedDict()
+_STORES_LOCK = threading.Lock()
+_MAX_STORES = 16
+_ENV_PREFIXES = ("AWS_", "GOOGLE_", "AZURE_")
 
 
 def _check_credentials(

@@ -205,3 +205,20 @@ def test_each_scheme_builds_its_store_without_network() -> None:
         assert store.root + key == url
     with pytest.raises(ValueError, match="unsupported URL scheme 'ftp'"):
         _make_store("ftp://host/m.gguf", None)
+
+
+def test_stores_are_reused_only_for_the_same_configuration(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from asyncpager._remote import _make_store
+
+    options = {"skip_signature": True, "region": "us-east-1"}
+    first, _ = _make_store("s3://reuse-bkt/a.gguf", options)
+    again, key = _make_store("s3://reuse-bkt/b.gguf", dict(options))
+    assert again is first
+    assert key == "b.gguf"
+    other, _ = _make_store("s3://reuse-bkt/a.gguf", {**options, "region": "eu-west-1"})
+    assert other is not first
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "rotated")  # the credential environment changed
+    rotated, _ = _make_store("s3://reuse-bkt/a.gguf", options)
+    assert rotated is not first

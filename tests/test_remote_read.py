@@ -155,3 +155,12 @@ async def test_missing_object_is_an_error_at_open(range_server: RangeServer) -> 
         ap.open(f"{range_server.url}/absent.gguf", budget_bytes=1 << 20)
     with pytest.raises(FileNotFoundError, match=r"no model\.safetensors\.index\.json"):
         ap.open(f"{range_server.url}/nothing-here/", budget_bytes=1 << 20)
+
+
+def test_empty_and_tiny_objects(range_server: RangeServer) -> None:
+    (range_server.root / "empty.gguf").write_bytes(b"")
+    with pytest.raises(ap.FormatError, match=r"empty\.gguf: at byte 0: empty file"):
+        ap.read_index(f"{range_server.url}/empty.gguf")
+    (range_server.root / "tiny.gguf").write_bytes(b"GGUF\x03\x00")
+    with pytest.raises(ap.FormatError, match=r"tiny\.gguf: at byte 4: truncated version"):
+        ap.read_index(f"{range_server.url}/tiny.gguf")

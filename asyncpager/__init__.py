@@ -10,6 +10,7 @@ for asyncio inference servers.
 from ._errors import (
     BudgetExceeded,
     FormatError,
+    LeaseWarning,
     PagerClosed,
     PagerError,
     SourceError,
@@ -18,10 +19,11 @@ from ._errors import (
 from ._flight import LoadFlight
 from ._formats import ArraySummary, ModelIndex, read_index
 from ._lease import AcquireContext, Lease, LeaseGroup
-from ._open import HotSet, open
+from ._open import HotSet, open, open_async
 from ._pager import Pager
 from ._remote import DiskCache, ObjectStoreSource, RemoteStats
 from ._request import RequestScope, RequestStats
+from ._sizes import Size
 from ._sources import (
     AiofilesSource,
     ConcatSource,
@@ -48,6 +50,7 @@ __all__ = [
     "LatencySummary",
     "Lease",
     "LeaseGroup",
+    "LeaseWarning",
     "LoadFlight",
     "MemorySource",
     "MmapSource",
@@ -61,11 +64,13 @@ __all__ = [
     "RemoteStats",
     "RequestScope",
     "RequestStats",
+    "Size",
     "Source",
     "SourceError",
     "TensorInfo",
     "TensorNotFound",
     "open",
+    "open_async",
     "read_index",
 ]
 __version__ = "0.1.0"

@@ -18,8 +18,9 @@ the event loop thread.
 from __future__ import annotations
 
 import abc
+import itertools
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -85,6 +86,10 @@ class Entry:
 
 class EvictionPolicy(abc.ABC):
     """The set of evictable entries and the order to evict them in."""
+
+    #: True when ``victims()`` yields entries farthest next use first (outside the
+    #: schedule first): a prefetch's distance guard then admits a prefix of them.
+    ranked_by_distance = False
 
     def __init__(self) -> None:
         self.evictable_bytes = 0
@@ -172,12 +177,17 @@ class SchedulePolicy(EvictionPolicy):
         for e in entries:
             self.add(e)
 
+    ranked_by_distance = True
+
     def victims(self) -> Iterator[Entry]:
+        """Lazily, so a plan that needs few victims ranks few: the layers are
+        sorted once per call (O(L log L) on the L layers holding evictable
+        tensors, never per tensor), entries yielded until the caller stops."""
         out: list[Entry] = list(self._outside.values())
         schedule = self._schedule()
-        for layer in schedule.by_distance_desc(list(self._by_layer)):
-            out.extend(self._by_layer[layer].values())
-        return iter(out)
+        layers = schedule.by_distance_desc(list(self._by_layer))
+        by_layer = {n: list(self._by_layer[n].values()) for n in layers}
+        return itertools.chain(out, *(by_layer[n] for n in layers))
 
     def __len__(self) -> int:
         return self._count
@@ -194,17 +204,23 @@ def make_policy(name: str, schedule: Callable[[], Schedule]) -> EvictionPolicy:
 def plan_evictions(
     need: int,
     free: int,
-    victims: Iterator[Entry],
+    victims: Iterable[Entry],
     allowed: Callable[[Entry], bool] | None = None,
+    *,
+    prefix: bool = False,
 ) -> list[Entry] | None:
     """The entries to evict so that ``need`` bytes fit in ``free`` (which may be
     negative), in policy order, or None when even evicting every allowed entry
-    would not make room: then nothing is evicted, and the cache stays warm."""
+    would not make room: then nothing is evicted, and the cache stays warm.
+    ``prefix``: the allowed victims are a prefix of ``victims`` (a distance guard
+    on a distance-ranked policy), so the scan stops at the first refused one."""
     if need <= free:
         return []
     chosen: list[Entry] = []
     for entry in victims:
         if allowed is not None and not allowed(entry):
+            if prefix:
+                return None
             continue
         chosen.append(entry)
         free += entry.charge

@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "BudgetExceeded",
     "FormatError",
+    "LeaseWarning",
     "PagerClosed",
     "PagerError",
     "SourceError",
@@ -59,3 +60,9 @@ class FormatError(PagerError, ValueError):
 
 class PagerClosed(PagerError):
     """The pager was closed: no new acquires, and loads in flight were abandoned."""
+
+
+class LeaseWarning(RuntimeWarning):
+    """Debug mode (``Pager(debug=True)`` or ``ASYNCPAGER_DEBUG=1``): a lease was
+    released while its array was still referenced elsewhere; using that array after
+    the release reads whatever the recycled buffer holds next."""

@@ -190,11 +190,19 @@ class FlightMixin:
                     self._demand_reads -= 1
                     if self._demand_reads == 0:
                         self._wake_prefetch()
-        except asyncio.CancelledError:
-            self._finish_failed(flights, PagerClosed("the pager was closed during the load"))
-            return
-        except Exception as exc:
+        except BaseException as exc:
+            # Every way a read can end badly ends the load here: waiters woken, room
+            # given back. Only close() cancels this task; a CancelledError the source
+            # raised by itself is a failed read like any other.
+            task = asyncio.current_task()
+            closing = isinstance(exc, asyncio.CancelledError) and (
+                self._closed or (task is not None and task.cancelling() > 0)
+            )
+            if closing:
+                exc = PagerClosed("the pager was closed during the load")
             self._finish_failed(flights, exc)
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise  # the program is stopping: the loads ended, let it stop
             return
         self._h_load.record(perf_counter_ns() - t0)
         if tracer is not None:
@@ -205,7 +213,13 @@ class FlightMixin:
                 tensors=len(flights),
                 bytes=sum(f.entry.info.nbytes for f in flights),
             )
-        self._finish_ok(flights, group.prefetch)
+        try:
+            self._finish_ok(flights, group.prefetch)
+        except Exception as exc:  # a bug in the commit must still end the load
+            _log.error("asyncpager: committing %s failed", flights[0].entry.name, exc_info=exc)
+            left = [f for f in flights if not f.future.done() and f.entry.flight is f]
+            if left:
+                self._finish_failed(left, exc)
 
     async def _allocate_blocks(self, flights: list[LoadFlight]) -> None:
         todo = [f for f in flights if f.block is None]
@@ -244,16 +258,23 @@ class FlightMixin:
                 offset, dest = self._destination(f)
                 await self._read(group, offset, [dest])
             return
-        bufs: list[memoryview] = []
-        start = flights[0].entry.info.offset
-        cursor = start
+        # Adjacent tensors go in one scatter read, gaps into the scratch buffer. A
+        # flight aborted before the read started leaves a hole that may be wider
+        # than the scratch buffer: the read is split there, never a gap shrunk
+        # (that would shift every tensor after it).
+        reads: list[tuple[int, list[memoryview]]] = []
+        cursor = -1
         for f in flights:
             offset, dest = self._destination(f)
-            if offset > cursor:
-                bufs.append(self._scratch.data[: offset - cursor])
-            bufs.append(dest)
+            gap = offset - cursor
+            if not reads or not 0 <= gap <= self._scratch.nbytes:
+                reads.append((offset, []))
+            elif gap:
+                reads[-1][1].append(self._scratch.data[:gap])
+            reads[-1][1].append(dest)
             cursor = offset + dest.nbytes
-        await self._read(group, start, bufs)
+        for start, bufs in reads:
+            await self._read(group, start, bufs)
 
     async def _read(self, group: LoadGroup, offset: int, bufs: list[memoryview]) -> None:
         total = sum(b.nbytes for b in bufs)
@@ -311,13 +332,16 @@ class FlightMixin:
                 )
 
     def _finish_ok(self, flights: list[LoadFlight], prefetch: bool) -> None:
+        failed: list[LoadFlight] = []
+        error: BaseException | None = None
         for f in flights:
+            try:
+                array = self._view(f)
+            except Exception as exc:  # e.g. a shape numpy cannot build: fail this one
+                failed.append(f)
+                error = exc
+                continue
             e = f.entry
-            offset, dest = self._destination(f)
-            info = e.info
-            raw = np.frombuffer(dest, np.uint8)[info.offset - offset :][: info.nbytes]
-            array = raw.view(info.dtype).reshape(info.shape or (-1,))
-            array.flags.writeable = False
             if e.flight is f:
                 e.flight = None
             self._inflight_bytes -= e.charge
@@ -332,8 +356,21 @@ class FlightMixin:
             self._loads += 1
             if not f.future.done():
                 f.future.set_result(None)
-        if self._queue and not self._closed:
+        if error is not None:
+            self._finish_failed(failed, error)
+        elif self._queue and not self._closed:
             self._pump()
+
+    def _view(self, f: LoadFlight) -> np.ndarray[Any, Any]:
+        """The typed view handed out for a landed flight. Its base is a read-only
+        memoryview, so no one can make it writable (``flags.writeable = True``
+        raises) and change the cached bytes under other leases."""
+        offset, dest = self._destination(f)
+        info = f.entry.info
+        raw = np.frombuffer(dest.toreadonly(), np.uint8)[info.offset - offset :][: info.nbytes]
+        shape = info.shape if info.shape is not None else (-1,)
+        array: np.ndarray[Any, Any] = raw.view(info.dtype).reshape(shape)
+        return array
 
     def _finish_failed(self, flights: list[LoadFlight], exc: BaseException) -> None:
         if isinstance(exc, SourceError | PagerClosed):
@@ -341,6 +378,7 @@ class FlightMixin:
         else:
             error = SourceError(f"loading {flights[0].entry.name!r} failed: {exc!r}")
             error.__cause__ = exc
+            error.__suppress_context__ = True
         prefetch = flights[0].group.prefetch
         for f in flights:
             self._unreserve(f)

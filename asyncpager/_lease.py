@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections.abc import Coroutine, Generator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, final
 
 import numpy as np
 
+from ._errors import LeaseWarning
 from ._tensor import TensorInfo
 
 if TYPE_CHECKING:
@@ -22,7 +25,12 @@ class Lease:
     """A hold on one resident tensor: while any lease on it is held, the tensor is
     not evicted. ``array`` is a read-only numpy view of the tensor's bytes (no copy);
     do not use it after :meth:`release` (its memory may be recycled for another
-    tensor). Release is idempotent; leases are (async) context managers."""
+    tensor). Release is idempotent; leases are (async) context managers.
+
+    In debug mode (``Pager(debug=True)`` or ``ASYNCPAGER_DEBUG=1``) each lease hands
+    out an array object of its own, and :meth:`release` warns (:class:`LeaseWarning`)
+    when that object is still referenced elsewhere; evicted buffers are poisoned
+    (filled with ``0xA5``), so a use after release reads garbage, not plausible data."""
 
     __slots__ = ("_entry", "_pager", "_released", "array", "info")
 
@@ -32,7 +40,7 @@ class Lease:
         self._released = False
         array = entry.array
         assert array is not None
-        self.array: np.ndarray[Any, Any] = array
+        self.array: np.ndarray[Any, Any] = array.view() if pager._debug else array
         self.info: TensorInfo = entry.info
 
     @property
@@ -48,7 +56,21 @@ class Lease:
         call from any thread (off the loop it is handed to the loop)."""
         if not self._released:
             self._released = True
+            if self._pager._debug:
+                self._check_unreferenced()
             self._pager._release_entry(self._entry)
+
+    def _check_unreferenced(self) -> None:
+        # References: this lease's attribute and getrefcount's own argument.
+        extra = sys.getrefcount(self.array) - 2
+        if extra > 0:
+            warnings.warn(
+                f"lease of {self.info.name!r} released while its array is still "
+                f"referenced {extra} more time(s): reading it after the release reads "
+                "a buffer the pager may recycle (keep a copy, or release later)",
+                LeaseWarning,
+                stacklevel=3,
+            )
 
     def __enter__(self) -> Lease:
         return self

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -27,13 +28,15 @@ from typing import Any, Literal, Self, final
 
 import numpy as np
 
-from ._budget import Entry, EvictionPolicy, SchedulePolicy, distance_guard, make_policy
+from ._budget import Entry, EvictionPolicy, SchedulePolicy, make_policy
 from ._budget import plan_evictions as _plan
 from ._errors import BudgetExceeded, PagerClosed, TensorNotFound
 from ._flight import _MAX_GAP, FlightMixin, LoadFlight
 from ._lease import AcquireContext, Lease, LeaseGroup
 from ._pool import PAGE, BufferPool, block_capacity
-from ._schedule import NEVER, Schedule
+from ._prefetch import PrefetchMixin
+from ._schedule import Schedule
+from ._sizes import Size, as_bytes
 from ._sources import Source
 from ._stats import LatencyHistogram, PagerStats
 from ._tensor import TensorInfo
@@ -47,6 +50,42 @@ Verify = Literal["crc32"] | None
 
 
 _QUEUED, _GRANTED, _DONE, _FAILED, _ABANDONED = range(5)
+_POISON = 0xA5
+
+
+def debug_default() -> bool:
+    """Debug mode for pagers built without ``debug=``: ``ASYNCPAGER_DEBUG=1`` in the
+    environment (read at each construction)."""
+    return os.environ.get("ASYNCPAGER_DEBUG", "") not in ("", "0")
+
+
+async def _on_a_thread(fn: Callable[[], None]) -> None:
+    """Run blocking ``fn`` on a new thread and await it, leaving no thread behind
+    (a default-executor thread would outlive the pager)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(exc: BaseException | None) -> None:
+        if not done.done():
+            if exc is None:
+                done.set_result(None)
+            else:
+                done.set_exception(exc)
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # handed to the awaiting task
+            loop.call_soon_threadsafe(settle, exc)
+        else:
+            loop.call_soon_threadsafe(settle, None)
+
+    thread = threading.Thread(target=run, name="asyncpager-close", daemon=True)
+    thread.start()
+    try:
+        await done
+    finally:
+        thread.join()
 
 
 class _Ticket:
@@ -62,23 +101,28 @@ class _Ticket:
 
 
 @final
-class Pager(FlightMixin):
+class Pager(PrefetchMixin, FlightMixin):
     """Pages tensors of ``source`` into RAM under a strict ``budget_bytes``.
 
     Args:
         source: where the bytes are. Closed by the pager only if ``owns_source``.
         tensors: the tensors (``TensorInfo`` objects, or a mapping of them).
-        budget_bytes: the most memory held for weights (pool slack included).
+        budget_bytes: the most memory held for weights (pool slack included): bytes,
+            a size string (``"512MiB"``) or a share of the layers' bytes (``"50%"``).
         pinned: names never evicted; the budget keeps room for them.
         prefetch_depth: layers ahead of the acquired one to load in the background.
         policy: ``"lru"`` or ``"schedule"`` (evict what the decode schedule needs last).
         schedule: the layer order of one token; default every layer in order.
         verify: ``"crc32"`` checks each reload against the first read's checksum.
         trace: record a trace from the start (see ``start_trace``).
+        debug: catch arrays used after their lease is released: a warning at
+            release when the array is still referenced, and evicted buffers
+            poisoned. Default: on when the environment has ``ASYNCPAGER_DEBUG=1``.
 
     Raises:
         BudgetExceeded: the pinned tensors do not fit the budget.
-        ValueError: a tensor lies outside the source, or names repeat.
+        ValueError: a tensor lies outside the source, names repeat, or
+            ``budget_bytes`` is not a positive size.
     """
 
     def __init__(
@@ -86,7 +130,7 @@ class Pager(FlightMixin):
         source: Source,
         tensors: Iterable[TensorInfo] | Mapping[str, TensorInfo],
         *,
-        budget_bytes: int,
+        budget_bytes: Size,
         pinned: Iterable[str] = (),
         prefetch_depth: int = 0,
         policy: str = "lru",
@@ -94,9 +138,16 @@ class Pager(FlightMixin):
         verify: Verify = None,
         trace: bool = False,
         owns_source: bool = False,
+        debug: bool | None = None,
     ) -> None:
-        if budget_bytes < 0:
-            raise ValueError(f"budget_bytes must be >= 0, not {budget_bytes}")
+        infos = list(tensors.values()) if isinstance(tensors, Mapping) else list(tensors)
+        in_layers = [i.nbytes for i in infos if i.layer is not None]
+        model_bytes = sum(in_layers) if in_layers else sum(i.nbytes for i in infos)
+        budget_bytes = as_bytes(budget_bytes, "budget_bytes", model_bytes=model_bytes)
+        if budget_bytes <= 0:
+            raise ValueError(
+                f"budget_bytes must be > 0, not {budget_bytes}: nothing could ever be loaded"
+            )
         if prefetch_depth < 0:
             raise ValueError(f"prefetch_depth must be >= 0, not {prefetch_depth}")
         if verify not in (None, "crc32"):
@@ -106,9 +157,11 @@ class Pager(FlightMixin):
                 f"{type(source).__name__} has no integer 'size': a Source subclass must set "
                 "self.size (the total bytes) and implement async read_into(offset, out)"
             )
-        infos = list(tensors.values()) if isinstance(tensors, Mapping) else list(tensors)
         self._source = source
         self._owns_source = owns_source
+        if debug is None:
+            debug = debug_default()
+        self._debug = debug
         self._budget = budget_bytes
         self._align = max(1, source.alignment)
         self._entries: dict[str, Entry] = {}
@@ -145,10 +198,14 @@ class Pager(FlightMixin):
         self._demand_reads = 0
         self._demand_idle: asyncio.Event | None = None
         self._closed = False
-        self._close_done: asyncio.Future[None] | None = None
+        self._close_task: asyncio.Task[None] | None = None
         # The loop the pager lives on: releases from other threads are handed to it.
+        # Rebound to the running loop at the next acquire when that loop changed
+        # (asyncio.run twice); releases that found their loop closed wait in
+        # ``_orphans`` (deque appends are atomic) until the pager runs on a loop again.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = -1
+        self._orphans: deque[Entry] = deque()
         with contextlib.suppress(RuntimeError):
             self._bind_loop(asyncio.get_running_loop())
         self._tracer: Tracer | None = None
@@ -422,8 +479,9 @@ class Pager(FlightMixin):
     async def _acquire_entries(
         self, entries: Sequence[Entry], timeout: float | None, t0: int
     ) -> LeaseGroup:
-        if self._loop is None:  # built outside a running loop: bind at first use
-            self._bind_loop(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # built outside a loop, or a new loop: bind to it
+            self._bind_loop(loop)
         self._check_fits(entries)
         ticket = _Ticket(entries)
         waited = False
@@ -441,6 +499,13 @@ class Pager(FlightMixin):
             else:
                 async with asyncio.timeout(timeout):
                     await self._wait_granted(ticket, waited)
+        except TimeoutError as exc:
+            stage = "room in the budget" if ticket.state == _QUEUED else "the read"
+            self._abandon(ticket)
+            what = repr(entries[0].name) if len(entries) == 1 else f"{len(entries)} tensors"
+            raise TimeoutError(
+                f"acquiring {what} timed out after {timeout} s waiting for {stage}"
+            ) from exc
         except BaseException:
             self._abandon(ticket)
             raise
@@ -532,14 +597,34 @@ class Pager(FlightMixin):
         ticket.state = _GRANTED
 
     def _reserve(
-        self, missing: Sequence[Entry], allowed: Callable[[Entry], bool] | None
+        self,
+        missing: Sequence[Entry],
+        allowed: Callable[[Entry], bool] | None,
+        candidates: Sequence[Entry] | None = None,
+        *,
+        distance_guard: bool = False,
     ) -> list[np.ndarray[Any, Any] | None] | None:
         """Make room for ``missing`` (evicting as planned) and move it to in-flight.
         Returns the recycled block for each entry (None: allocate a new one), or
-        None, changing nothing, when the room cannot be made now."""
+        None, changing nothing, when the room cannot be made now. ``candidates``:
+        the victims to plan with, already filtered (default: the policy's, through
+        ``allowed``). ``distance_guard``: ``allowed`` is a prefetch's distance guard,
+        which admits a prefix of a distance-ranked policy's victims."""
         need = sum(e.charge for e in missing)
         own_reserve = sum(e.charge for e in missing if e.pinned)
-        victims = _plan(need, self._free_bytes(own_reserve), self._policy.victims(), allowed)
+        free = self._free_bytes(own_reserve)
+        if need > free + self._policy.evictable_bytes:
+            return None  # O(1): even evicting everything evictable would not do
+        if candidates is None:
+            victims = _plan(
+                need,
+                free,
+                self._policy.victims(),
+                allowed,
+                prefix=distance_guard and self._policy.ranked_by_distance,
+            )
+        else:
+            victims = _plan(need, free, candidates)
         if victims is None:
             return None
         for victim in victims:
@@ -614,22 +699,50 @@ class Pager(FlightMixin):
     def _bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._loop_thread = threading.get_ident()
+        if not self._tasks:
+            self._demand_idle = None  # an Event is bound to the loop it first waited on
+        self._adopt_orphans()
+
+    def _adopt_orphans(self) -> None:
+        """Apply the releases that were posted while no live loop held the pager."""
+        while self._orphans:
+            self._release_entry(self._orphans.popleft())
 
     def _release_entry(self, e: Entry) -> None:
         """Give back one lease. Thread-safe: called off the loop's thread (e.g. at
         the end of ``asyncio.to_thread`` work on a leased array), it is handed to the
         loop, and the tensor stays held until the loop runs it."""
-        if threading.get_ident() != self._loop_thread and self._loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to wake
-                self._loop.call_soon_threadsafe(self._release_entry, e)
+        loop = self._loop
+        if loop is not None and threading.get_ident() != self._loop_thread:
+            try:
+                loop.call_soon_threadsafe(self._release_entry, e)
+            except RuntimeError:  # that loop is closed: never lose the release
+                self._orphans.append(e)
+                now = self._loop
+                if now is not loop and now is not None:  # rebound meanwhile
+                    with contextlib.suppress(RuntimeError):
+                        now.call_soon_threadsafe(self._adopt_orphans)
             return
         if e.leases <= 0:
             return
         e.leases -= 1
-        if e.leases == 0 and not e.pinned and e.array is not None:
+        if e.leases or e.array is None:
+            return
+        if self._closed:
+            self._free_closed(e)
+        elif not e.pinned:
             self._policy.add(e)
-            if self._queue and not self._closed:
+            if self._queue:
                 self._pump()
+
+    def _free_closed(self, e: Entry) -> None:
+        """After close(): a tensor nobody leases any more gives its memory back."""
+        self._policy.remove(e)
+        self._resident_bytes -= e.charge
+        self._resident_count -= 1
+        if e.pinned:
+            self._pinned_reserve += e.charge
+        e.array = e.block = None
 
     def _evict(self, e: Entry) -> None:
         self._policy.remove(e)
@@ -641,6 +754,8 @@ class Pager(FlightMixin):
             e.prefetched = False
             self._pf_wasted += 1
         if e.block is not None:
+            if self._debug:
+                e.block.fill(_POISON)  # a use after release now reads garbage
             self._pool.give(e.block)
         e.array = None
         e.block = None
@@ -690,82 +805,19 @@ class Pager(FlightMixin):
 
     def _fail_impossible_waiters(self) -> None:
         for ticket in list(self._queue):
+            assert ticket.future is not None
+            if ticket.future.done():
+                # Cancelled (or timed out) and not cleaned up yet: nobody to tell.
+                self._queue.remove(ticket)
+                continue
             try:
                 self._check_fits(ticket.entries)
             except BudgetExceeded as exc:
                 self._queue.remove(ticket)
                 ticket.state = _FAILED
-                assert ticket.future is not None
                 ticket.future.set_exception(exc)
         if not self._closed:
             self._pump()
-
-    # ------------------------------------------------------------------ prefetch
-
-    def prefetch(self, names: Iterable[str]) -> None:
-        """Hint: load ``names`` in the background at low priority; returns at once.
-
-        A prefetch never waits for room, never jumps the queue of waiting requests,
-        and never evicts a tensor the schedule needs before the one it loads; when
-        there is no such room it is skipped (``stats().prefetch_skipped``).
-
-        Raises:
-            TensorNotFound: a name is unknown.
-        """
-        entries = [self._entry(n) for n in names]
-        if self._closed:
-            return
-        self._prefetch_entries(entries)
-
-    def _enter_layer(self, layer: int) -> None:
-        """Move the schedule cursor to ``layer``. Prefetching the layers after it is
-        left to ``_prefetch_ahead``, called once the demand request was admitted:
-        until then the current layer's unleased tensors would look farthest away."""
-        self._current_layer = layer
-        self._schedule.advance_to(layer)
-
-    def _prefetch_ahead(self) -> None:
-        layer = self._current_layer
-        if self._prefetch_depth and not self._closed and layer is not None:
-            for ahead in self._schedule.upcoming(self._prefetch_depth):
-                if ahead != layer:
-                    self._prefetch_entries(self._layers.get(ahead, ()))
-
-    def _prefetch_entries(self, entries: Iterable[Entry]) -> None:
-        # dict.fromkeys: a name hinted twice must not get two flights (double charge).
-        missing = [e for e in dict.fromkeys(entries) if e.array is None and e.flight is None]
-        if not missing:
-            return
-        if self._queue:  # demand requests are waiting for room: never take it from them
-            self._pf_skipped += len(missing)
-            return
-        target = min(self._schedule.distance(e.layer) for e in missing)
-        allowed = distance_guard(self._schedule, target) if target != NEVER else None
-        fitting = [e for e in missing if not self._would_never_fit(e)]
-        blocks = self._reserve(fitting, allowed)
-        if blocks is None:
-            # Not all of it fits: take what does, in file order (still batched).
-            admitted: list[Entry] = []
-            blocks = []
-            for e in fitting:
-                got = self._reserve((e,), allowed)
-                if got is not None:
-                    admitted.append(e)
-                    blocks.extend(got)
-            fitting = admitted
-        self._pf_skipped += len(missing) - len(fitting)
-        if fitting:
-            self._pf_issued += len(fitting)
-            self._start_loads(fitting, blocks, prefetch=True)
-            for e in fitting:
-                self._source.advise_willneed(e.info.offset, e.info.nbytes)
-
-    def _would_never_fit(self, e: Entry) -> bool:
-        return not e.pinned and e.charge > self._budget - self._pinned_total
-
-    def _wake_prefetch(self) -> None:
-        if self._demand_idle is not None:
-            self._demand_idle.set()
 
     # ------------------------------------------------------------------ tracing
 
@@ -803,42 +855,47 @@ class Pager(FlightMixin):
         """Close the pager: new acquires raise :class:`PagerClosed`, waiters for room
         and for loads in flight get :class:`PagerClosed`, background loads are
         cancelled and waited for, and sources the pager opened are closed.
-        Idempotent; leases already held keep their arrays."""
-        if self._close_done is not None:
-            await asyncio.shield(self._close_done)
-            return
-        self._close_done = asyncio.get_running_loop().create_future()
-        self._closed = True
-        try:
+        Idempotent; leases already held keep their arrays, and give their memory
+        back when released.
+
+        Never blocks the event loop: reads still running in threads are awaited, and
+        the source is closed on a thread. The work runs in a task the pager owns
+        (``asyncpager:close``): cancelling or timing out the caller does not stop it,
+        and a later ``close()`` waits for the same task.
+        """
+        if self._close_task is None:
+            self._closed = True
             closed = PagerClosed("the pager was closed")
             for ticket in self._queue:
                 ticket.state = _FAILED
                 if ticket.future is not None and not ticket.future.done():
                     ticket.future.set_exception(closed)
             self._queue.clear()
-            tasks = list(self._tasks)
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
-            # A load task cancelled before it ever ran could not fail its flights.
-            for e in self._entries.values():
-                if e.flight is not None:
-                    self._finish_failed([e.flight], closed)
-            self._pool.clear()
-            # Give the memory back now; tensors still leased keep their arrays.
-            for e in self._entries.values():
-                if e.array is not None and e.leases == 0:
-                    self._policy.remove(e)
-                    self._resident_bytes -= e.charge
-                    self._resident_count -= 1
-                    if e.pinned:
-                        self._pinned_reserve += e.charge
-                    e.array = e.block = None
-            if self._owns_source:
+            self._close_task = asyncio.get_running_loop().create_task(
+                self._close(closed), name="asyncpager:close"
+            )
+        await asyncio.shield(self._close_task)
+
+    async def _close(self, closed: PagerClosed) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        # A load task cancelled before it ever ran could not fail its flights.
+        for e in self._entries.values():
+            if e.flight is not None:
+                self._finish_failed([e.flight], closed)
+        self._pool.clear()
+        # Give the memory back now; tensors still leased keep their arrays.
+        for e in self._entries.values():
+            if e.array is not None and e.leases == 0:
+                self._free_closed(e)
+        if self._owns_source:
+            if self._source.executor is None:
                 self._source.close()
-        finally:
-            self._close_done.set_result(None)
+            else:  # joining its I/O threads blocks: do it on a thread of its own
+                await _on_a_thread(self._source.close)
 
     async def __aenter__(self) -> Self:
         return self

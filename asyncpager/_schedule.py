@@ -7,6 +7,7 @@ most recently; ``distance(layer)`` is how many steps ahead its next use is (1 = 
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 
 __all__ = ["NEVER", "Schedule"]
@@ -56,7 +57,10 @@ class Schedule:
         positions = self._positions.get(layer)
         if positions is None:
             return NEVER
-        return min((q - self._cursor - 1) % self._n + 1 for q in positions)
+        # The next use is the first position after the cursor, wrapping: O(log k).
+        i = bisect_right(positions, self._cursor)
+        q = positions[i] if i < len(positions) else positions[0]
+        return (q - self._cursor - 1) % self._n + 1
 
     def upcoming(self, depth: int) -> list[int]:
         """The distinct layers of the next ``depth`` steps, nearest first."""

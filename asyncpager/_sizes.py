@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
-__all__ = ["Budget", "format_size", "parse_budget", "parse_size"]
+__all__ = ["Budget", "Size", "as_bytes", "format_size", "parse_budget", "parse_size"]
 
 _UNITS: dict[str, int] = {
     "": 1,
@@ -97,6 +97,34 @@ def parse_budget(text: str) -> Budget:
     if not (share.is_finite() and share > 0):
         raise ValueError(f"invalid share {text!r}: use a positive percentage such as 50%")
     return Budget(share=float(share))
+
+
+#: What a size parameter accepts: bytes as an int, or a size string (``"512MiB"``),
+#: or, where the model's size is known, a share of it (``"50%"``).
+Size = int | str
+
+
+def as_bytes(value: Size, name: str, *, model_bytes: int | None = None) -> int:
+    """``value`` as a number of bytes, for the parameter called ``name``.
+
+    ``"50%"`` is a share of ``model_bytes`` (the bytes of the model's layers, as on
+    the command line), refused where that is not known.
+
+    Raises:
+        ValueError: not a size, or a share where none can be resolved.
+        TypeError: neither an int nor a str.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise TypeError(f"{name} must be an int or a size string such as '512MiB', not {value!r}")
+    if isinstance(value, int):
+        return value
+    try:
+        budget = parse_budget(value)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    if budget.share is not None and model_bytes is None:
+        raise ValueError(f"{name}={value!r}: a share needs a known model size; give a size")
+    return budget.resolve(model_bytes or 0)
 
 
 def format_size(nbytes: float) -> str:

@@ -188,8 +188,9 @@ async def _run_all(
     """Run blocking calls on ``executor`` and wait for all of them.
 
     On error or cancellation, calls not yet started are cancelled and the running
-    ones are waited for (synchronously: at most one chunk's time) before raising,
-    so no thread is still writing into a caller's buffer once this returns.
+    ones are awaited (never blocking the loop; a further cancellation does not cut
+    that wait short) before raising, so no thread is still writing into a caller's
+    buffer once this returns.
     """
     futures = [executor.submit(call) for call in calls]
     try:
@@ -197,7 +198,12 @@ async def _run_all(
     except BaseException:
         for f in futures:
             f.cancel()
-        concurrent.futures.wait(futures)
+        running = [asyncio.wrap_future(f) for f in futures if not f.done()]
+        if running:
+            settled = asyncio.gather(*running, return_exceptions=True)
+            while not settled.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(settled)
         raise
 
 

@@ -22,6 +22,15 @@ def pytest_asyncio_loop_factories(
     return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 
+@pytest.fixture(autouse=True)
+def _debug_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Debug mode on for every pager a test builds in this process (subprocesses such
+    as the example server run as users would): a test that keeps an array past its
+    lease's release gets a LeaseWarning (an error under -W error), and evicted
+    buffers are poisoned, so a use after release cannot pass on stale bytes."""
+    monkeypatch.setattr(ap._pager, "debug_default", lambda: True)
+
+
 PagerFactory = Callable[..., ap.Pager]
 
 

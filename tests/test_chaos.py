@@ -5,8 +5,12 @@ after every operation. CI runs two configurations (``lru``; ``schedule`` with
 
 The operation mix: acquire, acquire_many, acquire_layer (which prefetches the next
 layer), release, cancel while queued for room, cancel while the load runs, pin,
-unpin, prefetch hints (names repeated on purpose), timeouts of 0 to 2 ms. A task only
-waits without a timeout while it holds nothing, so the mix itself cannot deadlock.
+unpin, prefetch hints (names repeated on purpose), timeouts of 0 to 2 ms, pin/unpin
+right after queued waiters were cancelled or timed out (issue 11), releases from worker
+threads. Besides EIO and short reads, 1% of reads raise an unusual exception
+(``CancelledError``, a ``BaseException`` subclass, ``RuntimeError``, ``MemoryError``):
+each must reach its callers as ``SourceError``. A task only waits without a timeout
+while it holds nothing, so the mix itself cannot deadlock.
 
 Seeded: the model, every task's operations and the sequence of fault draws come from
 the seed (``ASYNCPAGER_CHAOS_SEED`` overrides the CI one). Some timeouts are real
@@ -46,6 +50,38 @@ GROUP_MAX = 4  # acquire_many takes 2..GROUP_MAX names
 Held = ap.Lease | ap.LeaseGroup
 
 
+class _OddBase(BaseException):
+    """Not an Exception: what a careless source (or a C extension) may raise."""
+
+
+_ODD = (asyncio.CancelledError, _OddBase, RuntimeError, MemoryError)
+
+
+class OddFaults(ap.Source):
+    """Forwards to ``inner``; a seeded share of reads raise an unusual exception."""
+
+    def __init__(self, inner: ap.Source, seed: int, rate: float) -> None:
+        self.inner = inner
+        self.size = inner.size
+        self.rng = random.Random(seed ^ 0x0DD)
+        self.rate = rate
+        self.raised: Counter[str] = Counter()
+
+    def _maybe_raise(self) -> None:
+        if self.rng.random() < self.rate:
+            kind = self.rng.choice(_ODD)
+            self.raised[kind.__name__] += 1
+            raise kind("injected odd failure")
+
+    async def read_into(self, offset: int, out: memoryview) -> None:
+        self._maybe_raise()
+        await self.inner.read_into(offset, out)
+
+    async def readv_into(self, offset: int, outs: Sequence[memoryview]) -> None:
+        self._maybe_raise()
+        await self.inner.readv_into(offset, outs)
+
+
 class ChaosRun:
     """One seeded run: the model, the pager, the shared bookkeeping and the checker."""
 
@@ -79,8 +115,9 @@ class ChaosRun:
         group_charge = max(layer_charge, sum(sorted(charges.values())[-GROUP_MAX:]))
         self.pin_cap = sum(charges.values()) // 20  # pins never make a request impossible
         budget = max(sum(charges.values()) // 4, group_charge + self.pin_cap)
+        self.odd = OddFaults(self.faulty, seed, rate=0.01)
         self.pager = make_pager(
-            self.faulty,
+            self.odd,
             infos,
             budget_bytes=budget,
             prefetch_depth=1,
@@ -212,6 +249,40 @@ class ChaosRun:
             self.outcomes["pin"] += 1
         await asyncio.sleep(0)
 
+    async def op_pin_after_cancel(self, rng: random.Random, held: list[Held]) -> None:
+        """Queue waiters, cancel or time out some of them, and pin or unpin before
+        their cleanup runs (issue 11 defect 1: done futures in the queue)."""
+        tasks = [
+            asyncio.create_task(
+                self.pager.acquire(rng.choice(self.names), timeout=rng.choice((0.0, None)))
+            )
+            for _ in range(rng.randint(1, 3))
+        ]
+        await asyncio.sleep(0)
+        for task in tasks:
+            if rng.random() < 0.5:
+                task.cancel()
+        await self.op_pin(rng, held) if rng.random() < 0.6 else await self.op_unpin(rng, held)
+        for result in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(result, ap.Lease):
+                self.check_bytes(result)
+                result.release()
+                self.outcomes["pin_after_cancel:granted"] += 1
+            elif isinstance(result, asyncio.CancelledError | TimeoutError | ap.SourceError):
+                self.outcomes[f"pin_after_cancel:{type(result).__name__}"] += 1
+            else:
+                raise AssertionError(self.fail(f"pin_after_cancel ended with {result!r}"))
+
+    async def op_release_in_thread(self, rng: random.Random, held: list[Held]) -> None:
+        """Give a lease back from a worker thread (the end of to_thread work)."""
+        if not held:
+            await asyncio.sleep(0)
+            return
+        got = held.pop(rng.randrange(len(held)))
+        self.check_bytes(got)
+        await asyncio.to_thread(got.release)
+        self.outcomes["release_in_thread"] += 1
+
     async def op_unpin(self, rng: random.Random, held: list[Held]) -> None:
         pinned = [n for n in self.names if self.pager.is_pinned(n)]
         if pinned:
@@ -280,6 +351,9 @@ class ChaosRun:
             assert st.pool_recycled > 0
             assert sum(v for k, v in self.outcomes.items() if k.endswith(":cancelled")) > 0
             assert sum(v for k, v in self.outcomes.items() if k.endswith(":timeout")) > 0
+            assert sum(self.odd.raised.values()) > 0
+            assert self.outcomes["release_in_thread"] > 0
+            assert sum(v for k, v in self.outcomes.items() if k.startswith("pin_after")) > 0
         except Exception as exc:
             if isinstance(exc, AssertionError) and str(exc).startswith("chaos seed="):
                 raise
@@ -291,6 +365,7 @@ class ChaosRun:
         self.outcomes["budget_waits"] = st.budget_waits
         self.outcomes["reads"] = self.faulty.reads
         self.outcomes["faults"] = sum(self.faulty.faults.values()) - self.faulty.faults["delay"]
+        self.outcomes["odd_faults"] = sum(self.odd.raised.values())
         return self.outcomes
 
 
@@ -305,6 +380,8 @@ _OP_WEIGHTS = {
     "unpin": 2,
     "prefetch": 6,
     "timeout": 4,
+    "pin_after_cancel": 2,
+    "release_in_thread": 1,
 }
 
 

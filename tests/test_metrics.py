@@ -196,7 +196,7 @@ def test_empty_histogram_and_bad_buckets() -> None:
     buckets = cumulative_buckets(ap.LatencyHistogram())
     assert all(count == 0 for _, count in buckets)
     with pytest.raises(ValueError, match="ascending"):
-        PagerCollector(ap.Pager(ap.MemorySource(b""), [], budget_bytes=0), buckets=(2.0, 1.0))
+        PagerCollector(ap.Pager(ap.MemorySource(b""), [], budget_bytes=1), buckets=(2.0, 1.0))
 
 
 async def test_leases_held(make_pager: PagerFactory) -> None:

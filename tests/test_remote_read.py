@@ -151,10 +151,25 @@ def test_sharded_prefix_without_slash(range_server: RangeServer, tmp_path: Path)
 
 
 async def test_missing_object_is_an_error_at_open(range_server: RangeServer) -> None:
+    url = f"{range_server.url}/absent.gguf"
+    with pytest.raises(ap.SourceError, match=f"{url}: cannot open: no such object"):
+        ap.open(url, budget_bytes=1 << 20)
+    with pytest.raises(ap.SourceError, match="cannot open: no such object"):
+        await ap.open_async(url, budget_bytes=1 << 20)
     with pytest.raises(FileNotFoundError, match="no such object"):
-        ap.open(f"{range_server.url}/absent.gguf", budget_bytes=1 << 20)
-    with pytest.raises(FileNotFoundError, match=r"no model\.safetensors\.index\.json"):
+        ap.read_index(url)  # read_index keeps the builtin error, as for files
+    with pytest.raises(ap.SourceError, match=r"no model\.safetensors\.index\.json"):
         ap.open(f"{range_server.url}/nothing-here/", budget_bytes=1 << 20)
+
+
+async def test_open_async_reads_the_header_off_the_loop(range_server: RangeServer) -> None:
+    gguf = range_server.root / "m.gguf"
+    write_gguf_model(gguf, n_layers=2)
+    url = f"{range_server.url}/m.gguf"
+    async with await ap.open_async(url, budget_bytes="50%", prefetch_depth=1) as pager:
+        assert str(pager.index.path) == url
+        async with pager.acquire_layer(0) as layer:
+            assert len(layer) == len(pager.index.layers[0])
 
 
 def test_empty_and_tiny_objects(range_server: RangeServer) -> None:

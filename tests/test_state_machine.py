@@ -280,6 +280,30 @@ class PagerMachine(RuleBasedStateMachine):
             assert self.p.is_pinned(name)
         self.settle()
 
+    @precondition(lambda self: bool(self.pending))
+    @rule(i=st.integers(0, 63), j=st.integers(0, 63), pin=st.booleans())
+    def cancel_then_pin(self, i: int, j: int, pin: bool) -> None:
+        """Cancel a queued acquire and, in the same loop step (its future is done,
+        its cleanup has not run), pin or unpin: issue 11 defect 1's class."""
+        task, _ = self.pending[i % len(self.pending)]
+        self.cancelled.add(task)
+        name = self.name(j)
+        over = self.pinned_total() + self.charges[name] > self.p.budget_bytes
+
+        def both() -> None:
+            task.cancel()
+            if pin:
+                self.p.pin(name)
+            else:
+                self.p.unpin(name)
+
+        try:
+            self.call(both)
+        except ap.BudgetExceeded:
+            assert pin
+            assert over
+        self.settle()
+
     @rule(i=st.integers(0, 63))
     def unpin(self, i: int) -> None:
         name = self.name(i)

@@ -23,8 +23,8 @@ install: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
 
 lint: dev
-	$(BIN)/ruff check asyncpager tests scripts examples
-	$(BIN)/ruff format --check asyncpager tests scripts examples
+	$(BIN)/ruff check asyncpager tests scripts
+	$(BIN)/ruff format --check asyncpager tests scripts
 
 typecheck: dev
 	$(BIN)/mypy
@@ -43,6 +43,7 @@ bench: dev
 	$(BIN)/python scripts/bench_read.py
 	$(BIN)/python scripts/bench_decode.py
 	$(BIN)/python scripts/bench_import.py
+	$(BIN)/python scripts/bench_torch.py
 	$(BIN)/python scripts/bench_remote.py
 
 # Long runs, not part of `make test`.

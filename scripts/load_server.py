@@ -1,212 +1,227 @@
-"""Load test of the example server (examples/server) on a generated model.
+"""Load test of ``asyncpager serve`` on Gemma 3 270M: 1, 4 and 16 concurrent streaming
+clients against the paged server (budget: the non-layer tensors plus about half of the
+decoder layers) and against the fully loaded one (budget >= the model), in one run.
 
-    .venv/bin/python scripts/load_server.py --requests 400 --concurrency 32 --disconnect-share 0.1
+    .venv/bin/python scripts/load_server.py [--model DIR] [--clients 1,4,16] \
+        [--tokens 32] [--requests 2] [--layer-share 0.5]
 
-Writes a synthetic GGUF model, starts ``python -m examples.server`` on a free loopback
-port with a budget of half the model (``--budget-share``), waits for /healthz, and:
-
-1. baseline: ``--baseline`` requests one at a time (the same server, same run);
-2. load: ``--requests`` requests from ``--concurrency`` clients, a share of which
-   disconnect mid-request (``--disconnect-share``).
-
-Every completed answer is checked against the forward pass computed in-process from
-the model file (read with gguf.GGUFReader). Then it waits until nothing is in flight,
-checks resident <= budget, scrapes /metrics, stops the server with SIGINT and checks
-it exits 0 with nothing on stderr that looks like a traceback. Prints throughput,
-latency percentiles, the ratio against the baseline and the pager's statistics.
-Exit status 1 if any check failed.
+Each configuration is its own server subprocess on a free loopback port. Per client
+count: every client sends ``--requests`` streaming greedy completions one after the
+other (``max_tokens`` ``--tokens``, distinct prompts), all clients at once; measured
+on the client: aggregate generated tokens/s over the phase, time to first token and
+inter-token latency (p50/p99), and from the server's /metrics the bytes the pager read
+per generated token and the rows per batched forward. Prints a table and the ratios
+the issue sets as targets (16 clients >= 4x one client; paged >= 0.8x fully loaded).
+Bounded: every request has a timeout, every phase a fixed number of requests, loopback
+only. Exit status 1 if a server failed or exited non-zero.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import signal
 import sys
-import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from time import perf_counter
-from typing import Any
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from asyncpager._synth import write_synthetic_gguf
-from examples.server.cli import parse_size
-from examples.server.loadtest import (
-    ServerProcess,
-    check_outcomes,
-    expected_results,
-    get_json,
-    percentile,
-    plan_requests,
-    run_load,
-    summarize_outcomes,
-    wait_quiet,
-)
+import asyncpager as ap
+from tests.serveproc import Served
 
-_STATS = (
-    "hits",
-    "coalesced",
-    "misses",
-    "loads",
-    "bytes_read",
-    "evictions",
-    "budget_waits",
-    "prefetch_issued",
-    "prefetch_useful",
-    "prefetch_wasted",
-    "prefetch_late",
-    "prefetch_skipped",
-    "stall_seconds",
-)
+TOPICS = [
+    "the history of the printing press", "how volcanoes form", "the life of bees",
+    "why the sky is blue", "the rules of chess", "how bread is made", "the moon landing",
+    "the water cycle", "how trains work", "the Roman empire", "photosynthesis",
+    "the invention of the telephone", "how glaciers move", "the game of football",
+    "the ocean tides", "how computers store numbers", "the story of coffee",
+    "how birds migrate", "the first airplanes", "how rainbows appear",
+]  # fmt: skip
 
 
-def parse_args() -> argparse.Namespace:
+@dataclass
+class Phase:
+    clients: int
+    tokens: int = 0
+    seconds: float = 0.0
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    bytes_read: float = 0.0
+    rows: float = 0.0
+    forwards: float = 0.0
+    model: dict[str, float] = field(default_factory=dict)  # model forward time split
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def scrape(s: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    async with s.get(f"{url}/metrics") as r:
+        text = await r.text()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not sample.labels:
+                out[sample.name] = sample.value
+    return out
+
+
+async def one_request(
+    s: aiohttp.ClientSession, url: str, prompt: str, tokens: int, phase: Phase
+) -> None:
+    body = {
+        "model": "gemma", "prompt": prompt, "max_tokens": tokens, "temperature": 0,
+        "stream": True, "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    t0 = time.perf_counter()
+    last: float | None = None
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with s.post(f"{url}/v1/completions", json=body, timeout=timeout) as r:
+        r.raise_for_status()
+        async for raw in r.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            if chunk.get("usage"):
+                phase.tokens += chunk["usage"]["completion_tokens"]
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                now = time.perf_counter()
+                if last is None:
+                    phase.ttft.append(now - t0)
+                else:
+                    phase.itl.append(now - last)
+                last = now
+
+
+async def run_phase(url: str, clients: int, requests: int, tokens: int) -> Phase:
+    phase = Phase(clients)
+    async with aiohttp.ClientSession() as s:
+        before = await scrape(s, url)
+
+        async def client(i: int) -> None:
+            for k in range(requests):
+                topic = TOPICS[(i * requests + k) % len(TOPICS)]
+                await one_request(s, url, f"Here is a short essay about {topic}.", tokens, phase)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(clients)))
+        phase.seconds = time.perf_counter() - t0
+        after = await scrape(s, url)
+    phase.bytes_read = after["asyncpager_bytes_read_total"] - before["asyncpager_bytes_read_total"]
+    forwards = (
+        after["asyncpager_server_batch_rows_count"] - before["asyncpager_server_batch_rows_count"]
+    )
+    rows = after["asyncpager_server_batch_rows_sum"] - before["asyncpager_server_batch_rows_sum"]
+    phase.rows = rows / forwards if forwards else 0.0
+    phase.forwards = forwards
+    for key in ("forward", "wait", "bind"):
+        name = f"asyncpager_model_{key}_seconds_total"
+        phase.model[key] = after.get(name, 0.0) - before.get(name, 0.0)
+    return phase
+
+
+def budgets(model: Path, layer_share: float) -> tuple[int, int, float]:
+    index = ap.read_index(model)
+    layer = sum(index.tensors[n].nbytes for names in index.layers.values() for n in names)
+    other = index.nbytes - layer
+    paged = other + int(layer * layer_share) + (16 << 20)  # + room for page rounding
+    return paged, index.nbytes + (64 << 20), paged / index.nbytes
+
+
+async def run_config(label: str, model: Path, budget: int, args: argparse.Namespace) -> list[Phase]:
+    server = await asyncio.to_thread(
+        Served, model, "--model-name", "gemma", "--prefetch", "1", "--policy", "schedule",
+        budget=str(budget), timeout=300, torch_threads=args.torch_threads,
+    )  # fmt: skip
+    try:
+        await run_phase(server.url, 1, 1, 4)  # warm-up: first reads, lazy init
+        phases = []
+        for clients in args.clients:
+            phase = await run_phase(server.url, clients, args.requests, args.tokens)
+            print(f"  {label}: {clients:>2} clients done, {phase.tokens} tokens in "
+                  f"{phase.seconds:.1f} s", flush=True)  # fmt: skip
+            phases.append(phase)
+    finally:
+        code = await asyncio.to_thread(server.stop, signal.SIGTERM, 60)
+    if code != 0 or "Traceback" in server.stderr_text:
+        raise RuntimeError(f"{label}: the server exited {code}:\n{server.stderr_text}")
+    return phases
+
+
+def row(label: str, p: Phase) -> str:
+    ms = 1000
+    return (
+        f"| {label} | {p.clients} | {p.tokens / p.seconds:.2f} | {pct(p.ttft, 0.5) * ms:.0f} / "
+        f"{pct(p.ttft, 0.99) * ms:.0f} | {pct(p.itl, 0.5) * ms:.0f} / "
+        f"{pct(p.itl, 0.99) * ms:.0f} | "
+        f"{p.bytes_read / max(p.tokens, 1) / 2**20:.1f} | {p.rows:.1f} |"
+    )
+
+
+async def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--requests", type=int, default=400)
-    p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--disconnect-share", type=float, default=0.1)
-    p.add_argument("--baseline", type=int, default=20, help="sequential requests first")
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--layer-size", type=parse_size, default=parse_size("4MiB"))
-    p.add_argument("--width", type=int, default=512, help="columns of the weight matrices")
-    p.add_argument("--budget-share", type=float, default=0.5, help="budget / model size")
-    p.add_argument("--prefetch", type=int, default=1)
-    p.add_argument("--policy", default="schedule", choices=["lru", "schedule"])
-    p.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
-    p.add_argument("--distinct", type=int, default=16, help="distinct inputs")
-    p.add_argument("--layer-delay-ms", type=float, default=20.0, help="for disconnecting clients")
-    p.add_argument("--disconnect-after-ms", type=float, default=60.0)
-    return p.parse_args()
+    p.add_argument("--model", type=Path, default=None, help="default: gemma_checkpoint('float32')")
+    p.add_argument("--clients", type=lambda t: [int(x) for x in t.split(",")], default=[1, 4, 16])
+    p.add_argument("--tokens", type=int, default=32, help="max_tokens per request")
+    p.add_argument("--requests", type=int, default=2, help="requests per client per phase")
+    p.add_argument("--layer-share", type=float, default=0.5, help="share of layers in budget")
+    p.add_argument("--torch-threads", type=int, default=None, help="default: torch's")
+    args = p.parse_args()
+    model = args.model
+    if model is None:
+        from asyncpager.testing import gemma_checkpoint
 
-
-async def main(args: argparse.Namespace) -> int:
-    failures: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="asyncpager-load-") as tmp:
-        model = write_synthetic_gguf(
-            Path(tmp) / "model.gguf",
-            n_layers=args.layers,
-            layer_bytes=args.layer_size,
-            width=args.width,
-        )
-        size = model.stat().st_size
-        budget = int(size * args.budget_share)
-        plans = plan_requests(args.requests, args.disconnect_share, distinct_inputs=args.distinct)
-        print(
-            f"model: {args.layers} layers, {size / 2**20:.1f} MiB; budget {budget / 2**20:.1f} "
-            f"MiB; prefetch {args.prefetch}, policy {args.policy}"
-        )
-        t0 = perf_counter()
-        expected = expected_results(model, [p.seed for p in plans])
-        print(f"reference answers for {len(expected)} inputs in {perf_counter() - t0:.2f} s")
-
-        server = await ServerProcess.start(
-            model,
-            budget,
-            "--prefetch",
-            str(args.prefetch),
-            "--policy",
-            args.policy,
-            "--loop",
-            args.loop,
-        )
-        async with server, aiohttp.ClientSession() as session:
-            print(f"server: {server.url}")
-            await wait_quiet(session, server.url)
-
-            baseline = None
-            if args.baseline:
-                before = await get_json(session, f"{server.url}/v1/stats")
-                t0 = perf_counter()
-                outcomes = await run_load(
-                    session, server.url, plan_requests(args.baseline, 0.0), concurrency=1
-                )
-                baseline = summarize_outcomes(outcomes, perf_counter() - t0)
-                failures += check_outcomes(outcomes, expected)
-                after = await get_json(session, f"{server.url}/v1/stats")
-                print(f"\nbaseline, 1 client:  {baseline.line()}")
-                print_stats(before["pager"], after["pager"])
-
-            before = await get_json(session, f"{server.url}/v1/stats")
-            t0 = perf_counter()
-            outcomes = await run_load(
-                session,
-                server.url,
-                plans,
-                concurrency=args.concurrency,
-                disconnect_after_s=args.disconnect_after_ms / 1e3,
-                layer_delay_ms=args.layer_delay_ms,
-            )
-            load = summarize_outcomes(outcomes, perf_counter() - t0)
-            failures += check_outcomes(outcomes, expected)
-            print(f"\nload, {args.concurrency} clients: {load.line()}")
-            if baseline is not None and baseline.throughput:
-                print(
-                    f"  throughput x{load.throughput / baseline.throughput:.2f} of the "
-                    f"baseline; p50 latency x"
-                    f"{_ratio(load.latencies, baseline.latencies):.2f}"
-                )
-            waits = [
-                o.body["timing"]["pager_wait_s"] for o in outcomes if o.body and o.status == "ok"
-            ]
-            computes = [
-                o.body["timing"]["compute_s"] for o in outcomes if o.body and o.status == "ok"
-            ]
-            if waits:
-                print(
-                    f"  per request: pager wait {sum(waits) / len(waits) * 1e3:.1f} ms, "
-                    f"compute {sum(computes) / len(computes) * 1e3:.1f} ms (means)"
-                )
-
-            health = await wait_quiet(session, server.url)
-            after = await get_json(session, f"{server.url}/v1/stats")
-            print_stats(before["pager"], after["pager"])
-            cancelled = after["requests"].get("cancelled", 0) - before["requests"].get(
-                "cancelled", 0
-            )
-            print(f"  server: {after['requests']} (cancelled in this run: {cancelled})")
-            print(f"  quiet: {health}")
-            if health["resident_bytes"] > health["budget_bytes"]:
-                failures.append(f"resident over budget: {health}")
-            if load.disconnected and not cancelled:
-                failures.append("clients disconnected but no handler was cancelled")
-            async with session.get(f"{server.url}/metrics") as resp:
-                text = await resp.text()
-                if resp.status != 200 or "asyncpager_hits_total" not in text:
-                    failures.append(f"/metrics: {resp.status}")
-            code = await server.stop()
-        print(f"\nserver exited with {code}")
-        if code != 0:
-            failures.append(f"the server exited with {code}")
-        if "Traceback" in server.stderr_text:
-            failures.append(f"traceback on the server's stderr:\n{server.stderr_text}")
-    for failure in failures[:20]:
-        print(f"FAIL: {failure}")
-    print("OK" if not failures else f"{len(failures)} failures")
-    return 1 if failures else 0
-
-
-def _ratio(a: list[float], b: list[float]) -> float:
-    base = percentile(b, 0.5)
-    return percentile(a, 0.5) / base if base else 0.0
-
-
-def print_stats(before: dict[str, Any], after: dict[str, Any]) -> None:
-    delta = {k: after[k] - before[k] for k in _STATS}
-    served = delta["hits"] + delta["coalesced"] + delta["misses"]
-    print(
-        f"  pager: hit rate {delta['hits'] / served if served else 0:.3f} "
-        f"(hits {delta['hits']}, joined {delta['coalesced']}, misses {delta['misses']}); "
-        f"read {delta['bytes_read'] / 2**20:.1f} MiB in {delta['loads']} loads; "
-        f"evictions {delta['evictions']}; budget waits {delta['budget_waits']}"
-    )
-    print(
-        f"  prefetch: issued {delta['prefetch_issued']}, useful {delta['prefetch_useful']}, "
-        f"wasted {delta['prefetch_wasted']}, late {delta['prefetch_late']}, skipped "
-        f"{delta['prefetch_skipped']}; acquirers stalled {delta['stall_seconds']:.2f} s in all"
-    )
+        model = gemma_checkpoint("float32")
+    paged_budget, full_budget, share = budgets(model, args.layer_share)
+    print(f"model {model} ({ap.read_index(model).nbytes / 2**20:.0f} MiB); paged budget "
+          f"{paged_budget / 2**20:.0f} MiB ({share:.0%} of the model, {args.layer_share:.0%} "
+          f"of the decoder layers); full budget {full_budget / 2**20:.0f} MiB",
+          flush=True)  # fmt: skip
+    results = {
+        "paged": await run_config("paged", model, paged_budget, args),
+        "fully loaded": await run_config("fully loaded", model, full_budget, args),
+    }
+    print("\n| server | clients | tokens/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) "
+          "| MiB read / token | rows / forward |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for label, phases in results.items():
+        for phase in phases:
+            print(row(label, phase))
+    print("\nwhere the time goes, ms per forward (one forward = one step or one prefill):")
+    print("| server | clients | forwards | model forward | of which waiting for weights "
+          "| binding | compute | outside the model (sampling, batch merges, HTTP) |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for label, phases in results.items():
+        for p in phases:
+            n = max(p.forwards, 1)
+            fwd, wait, bind = (p.model.get(k, 0.0) * 1000 / n for k in ("forward", "wait", "bind"))
+            outside = p.seconds * 1000 / n - fwd
+            print(f"| {label} | {p.clients} | {p.forwards:.0f} | {fwd:.0f} | {wait:.0f} | "
+                  f"{bind:.0f} | {fwd - wait - bind:.0f} | {outside:.0f} |")  # fmt: skip
+    for label, phases in results.items():
+        first, last = phases[0], phases[-1]
+        ratio = (last.tokens / last.seconds) / (first.tokens / first.seconds)
+        print(f"{label}: {last.clients} clients / 1 client aggregate tokens/s = {ratio:.2f}x "
+              "(target >= 4x)")  # fmt: skip
+    for paged, full in zip(results["paged"], results["fully loaded"], strict=True):
+        ratio = (paged.tokens / paged.seconds) / (full.tokens / full.seconds)
+        print(f"{paged.clients} clients: paged / fully loaded tokens/s = {ratio:.2f}x "
+              "(target >= 0.8x)")  # fmt: skip
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main(parse_args())))
+    sys.exit(asyncio.run(main()))

@@ -34,10 +34,14 @@ def _debug_mode(monkeypatch: pytest.MonkeyPatch) -> None:
 PagerFactory = Callable[..., ap.Pager]
 
 
+PagerWatch = Callable[[ap.Pager], ap.Pager]
+
+
 @pytest.fixture
-async def make_pager() -> AsyncIterator[PagerFactory]:
-    """Build pagers whose invariants are sampled by a monitor task during the test
-    and checked (then the pager closed) at teardown."""
+async def watch_pager() -> AsyncIterator[PagerWatch]:
+    """``watch_pager(pager)``: sample the pager's invariants with a monitor task while
+    the test runs and check them (then close the pager) at teardown; for pagers built
+    elsewhere (``ap.open``, ``PagedCausalLM``)."""
     pagers: list[ap.Pager] = []
     violations: list[str] = []
 
@@ -50,13 +54,12 @@ async def make_pager() -> AsyncIterator[PagerFactory]:
 
     task = asyncio.get_running_loop().create_task(monitor(), name="test:invariant-monitor")
 
-    def factory(*args: Any, **kwargs: Any) -> ap.Pager:
-        pager = ap.Pager(*args, **kwargs)
+    def watch(pager: ap.Pager) -> ap.Pager:
         pagers.append(pager)
         return pager
 
     try:
-        yield factory
+        yield watch
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -67,6 +70,34 @@ async def make_pager() -> AsyncIterator[PagerFactory]:
             await p.close()
             assert_invariants(p, closed=True)
         assert not violations, f"budget exceeded while the test ran: {violations[:3]}"
+
+
+@pytest.fixture
+def make_pager(watch_pager: PagerWatch) -> PagerFactory:
+    """Build pagers whose invariants are sampled by a monitor task during the test
+    and checked (then the pager closed) at teardown."""
+
+    def factory(*args: Any, **kwargs: Any) -> ap.Pager:
+        return watch_pager(ap.Pager(*args, **kwargs))
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Any]:
+    """``tiny_models("llama" | "qwen2" | "gemma3")``: a tiny random-weight checkpoint
+    directory saved by transformers (made once per session)."""
+    from tests.tinylm import make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-lm")
+    made: dict[str, Any] = {}
+
+    def get(arch: str) -> Any:
+        if arch not in made:
+            made[arch] = make_tiny_model(root / arch, arch)
+        return made[arch]
+
+    return get
 
 
 # -- real servers on loopback (object-storage tests) ---------------------------

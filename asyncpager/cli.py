@@ -34,6 +34,7 @@ from . import __version__
 from ._decode import DecodeResult, decode_ends, run_decode
 from ._errors import BudgetExceeded, FormatError, SourceError
 from ._formats import ModelIndex, read_index
+from ._formats._open import is_url
 from ._open import open as open_model
 from ._plot import RunPicture, matplotlib_available, plot_path_problem, plot_runs
 from ._report import (
@@ -171,6 +172,8 @@ class RunConfig:
     direct_io: bool = False
     trace: bool = False
     ends: bool = True  # each token gathers an embedding row and streams the head
+    #: For a URL: storage_options, cache_dir, cache_bytes (ap.open's keywords).
+    remote: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -215,12 +218,13 @@ async def _decode(
 
     async with open_model(
         index.path,
-        index=index,
+        index=None if config.remote else index,
         budget_bytes=config.budget_bytes,
         prefetch_depth=config.prefetch,
         policy=config.policy,
         direct_io=config.direct_io,
         trace=config.trace,
+        **config.remote,
     ) as pager:
         largest = max(sum(pager.charge_of(n) for n in names) for names in pager.layers.values())
         if largest > config.budget_bytes:
@@ -282,8 +286,29 @@ _RESULT_HEADERS = (
 # ---------------------------------------------------------------------- commands
 
 
+def _remote_options(args: argparse.Namespace) -> dict[str, Any]:
+    """ap.open's object-storage keywords from --storage-option/--cache-dir/--cache-bytes;
+    empty for a local model (where they are refused)."""
+    storage = dict(getattr(args, "storage_option", None) or [])
+    cache_dir = getattr(args, "cache_dir", None)
+    cache_bytes = getattr(args, "cache_bytes", None)
+    if not is_url(args.model):
+        if storage or cache_dir is not None:
+            raise UsageError("--storage-option and --cache-dir apply to URLs, not local files")
+        return {}
+    options: dict[str, Any] = {"storage_options": storage or None}
+    if cache_dir is not None:
+        options.update(cache_dir=cache_dir, cache_bytes=cache_bytes)
+    return options
+
+
+def _read_index(args: argparse.Namespace) -> ModelIndex:
+    options = _remote_options(args)
+    return read_index(args.model, **options)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
-    index = read_index(args.model)
+    index = _read_index(args)
     budget = None if args.budget is None else args.budget.resolve(_layer_bytes(index))
     if args.json:
         print(json.dumps(describe_index(index, largest=args.top, budget=budget), indent=2))
@@ -310,6 +335,7 @@ def _bench_config(args: argparse.Namespace, index: ModelIndex, trace: bool) -> R
         direct_io=args.direct_io,
         trace=trace,
         ends=not args.layers_only,
+        remote=_remote_options(args),
     )
 
 
@@ -359,7 +385,7 @@ def _bench_json(args: argparse.Namespace, index: ModelIndex, o: RunOutcome) -> d
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    index = read_index(args.model)
+    index = _read_index(args)
     config = _bench_config(args, index, trace=False)
     progress = Progress(_PROG + " bench", 1, stream=sys.stderr, enabled=not args.quiet)
     try:
@@ -411,7 +437,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     plot = args.plot if not args.no_plot else None
     _check_outputs(args.trace, plot)
     _check_writable(args.trace)
-    index = read_index(args.model)
+    index = _read_index(args)
     config = _bench_config(args, index, trace=True)
     progress = Progress(_PROG + " profile", 1, stream=sys.stderr, enabled=not args.quiet)
     try:
@@ -527,8 +553,39 @@ def _option(
     )
 
 
+_MODEL_HELP = (
+    "a GGUF or safetensors file, a sharded checkpoint, or the URL of one in object "
+    "storage (s3://, gs://, az://, https://; a prefix ending in / for a sharded one)"
+)
+
+
+def _storage_option(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, not {text!r}")
+    return key, value
+
+
+def _add_remote_options(p: argparse.ArgumentParser, cache: bool) -> None:
+    p.add_argument(
+        "--storage-option",
+        type=_storage_option,
+        action="append",
+        metavar="KEY=VALUE",
+        help="for a URL: an option for the store (endpoint=..., region=...); repeatable. "
+        "Credentials come from the environment (AWS_*, GOOGLE_*, AZURE_*)",
+    )
+    if cache:
+        p.add_argument(
+            "--cache-dir",
+            metavar="DIR",
+            help="for a URL: keep fetched chunks in DIR; later runs read them from disk",
+        )
+        _option(p, "--cache-bytes", _size_arg, None, "SIZE", "most bytes --cache-dir may hold")
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a GGUF or safetensors file, or a sharded checkpoint")
+    p.add_argument("model", help=_MODEL_HELP)
     _option(
         p,
         "--budget",
@@ -565,6 +622,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "embedding row and streams the output head in row blocks)",
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_remote_options(p, cache=True)
     _add_common(p)
 
 
@@ -604,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Format, metadata, tensors, per-layer table and the "
         "largest tensors of a model (only its header is read).",
     )
-    p.add_argument("model", help="a GGUF or safetensors file, or a sharded checkpoint")
+    p.add_argument("model", help=_MODEL_HELP)
     p.add_argument("--json", action="store_true", help="print everything as JSON")
     _option(p, "--top", _nonneg_int, 10, "N", "largest tensors to list")
     p.add_argument(
@@ -615,6 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="mark the tensors larger than this budget (served by row gathers and "
         "row blocks, never loaded whole)",
     )
+    _add_remote_options(p, cache=False)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser(
@@ -684,7 +743,7 @@ def _checkpoint_budget(args: argparse.Namespace) -> int:
     """``--budget`` of ``generate``/``serve``: a size, or a share of the checkpoint's
     bytes (``50%``). Reads the index first, so a missing or malformed checkpoint
     fails here, before torch is imported."""
-    index = read_index(args.model)
+    index = _read_index(args)
     budget = args.budget.strip()
     try:
         return parse_budget(budget).resolve(index.nbytes)
@@ -693,6 +752,7 @@ def _checkpoint_budget(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    args.remote = _remote_options(args)
     args.budget_bytes = _checkpoint_budget(args)
     try:
         from .torch._cli import CliModelError, run_generate
@@ -715,7 +775,11 @@ def _add_generate(sub: Any) -> None:
         "print tokens/s, the time split, bytes read per token and the hit rate. Needs the "
         "torch extra.",
     )
-    p.add_argument("model", help="a checkpoint directory (config.json + safetensors)")
+    p.add_argument(
+        "model",
+        help="a checkpoint directory (config.json + safetensors), or its URL in object "
+        "storage (s3://, gs://, az://, https://)",
+    )
     _option(p, "--budget", str, "50%", "SIZE|N%", "RAM for weights, pinned ones included")
     _option(p, "--prompt", str, "The capital of France is", "TEXT", "the prompt")
     _option(p, "--max-new-tokens", _nonneg_int, 32, "N", "tokens to generate at most")
@@ -732,6 +796,7 @@ def _add_generate(sub: Any) -> None:
     _option(p, "--dtype", str, None, "DTYPE", "compute dtype (float32, bfloat16...)")
     _option(p, "--torch-threads", _positive_int, None, "N", "torch threads (default: torch's)")
     p.add_argument("--direct-io", action="store_true", help="read with O_DIRECT")
+    _add_remote_options(p, cache=True)
     p.add_argument(
         "--compare",
         action="store_true",

@@ -5,7 +5,7 @@ monitor task while the test runs, and once more at the end."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -13,6 +13,7 @@ import uvloop
 
 import asyncpager as ap
 from tests.fakes import assert_invariants
+from tests.remote_servers import MotoS3, RangeServer, moto_s3_server
 
 
 def pytest_asyncio_loop_factories(
@@ -97,3 +98,23 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Any
         return made[arch]
 
     return get
+
+
+# -- real servers on loopback (object-storage tests) ---------------------------
+
+
+@pytest.fixture
+def range_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RangeServer]:
+    """An HTTP server honouring Range/If-Match over a fresh directory, with fault hooks."""
+    server = RangeServer(tmp_path_factory.mktemp("served")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[MotoS3]:
+    """moto's standalone S3 server on a free loopback port, one bucket; session-wide."""
+    with moto_s3_server() as s3:
+        yield s3

@@ -1,7 +1,9 @@
 """GGUF (versions 2 and 3, little-endian) header parser.
 
-Reads the metadata and tensor table straight from a read-only memory map with
-``struct.unpack_from``; the ``gguf`` package is never used.
+Reads the metadata and tensor table with ``struct.unpack_from`` from a window of
+the file that slides forward through a :class:`ByteReader` (ordinary reads or
+ranged GETs, never a memory map: a file truncated mid-parse is a FormatError, not a
+SIGBUS); the ``gguf`` package is never used.
 
 Invariants:
 
@@ -12,6 +14,11 @@ Invariants:
   within 1,000 items; a longer one becomes an :class:`ArraySummary` and is
   skipped without building Python objects (fixed-size elements by arithmetic,
   strings by a tight walk over their length prefixes).
+- Bounds are checked against the file's size (``size``) first; then the bytes
+  are fetched by :meth:`_GGUFParser.window`, which reads ``[pos, pos + max(n,
+  reader.window))`` only when ``pos`` leaves the window held. Each header byte is
+  read about once, nothing past the header (plus one window) is read, and memory
+  stays at one window however long the vocabulary.
 - Every tensor's shape is one numpy can hold, with a zero dimension unable to
   hide a huge one (``_index.shape_problem``).
 - Every malformed input raises ``FormatError(path, offset, problem)`` where
@@ -21,8 +28,6 @@ Invariants:
 from __future__ import annotations
 
 import math
-import mmap
-import os
 import struct
 from pathlib import Path
 from typing import NoReturn, TypeAlias
@@ -41,6 +46,7 @@ from ._index import (
     overlap_problem,
     shape_problem,
 )
+from ._reader import ByteReader, FileReader
 
 __all__ = ["GGUF_MAGIC", "MAX_ARRAY_ITEMS", "read_gguf"]
 
@@ -94,46 +100,64 @@ def read_gguf(path: Path) -> ModelIndex:
     """Index the GGUF file at ``path`` (opened as given).
 
     Raises:
-        FormatError: the file is not a well-formed GGUF v2/v3 file.
-        OSError: the file cannot be opened or mapped.
+        FormatError: the file is not a well-formed GGUF v2/v3 file, or it was
+            truncated while being read.
+        OSError: the file cannot be opened or read.
     """
-    with open(path, "rb") as file:
-        size = os.fstat(file.fileno()).st_size
-        if size == 0:
-            raise FormatError(path, 0, "empty file: no GGUF header")
-        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _GGUFParser(path, buf).parse()
+    with FileReader(path) as reader:
+        return read_gguf_from(reader)
+
+
+def read_gguf_from(reader: ByteReader) -> ModelIndex:
+    """Index the GGUF file ``reader`` reads, fetching only its header."""
+    if reader.size == 0:
+        raise FormatError(reader.name, 0, "empty file: no GGUF header")
+    return _GGUFParser(reader).parse()
 
 
 class _GGUFParser:
-    """One pass over a GGUF header; ``pos`` is the next byte to read."""
+    """One pass over a GGUF header; ``pos`` is the next byte to read. ``buf`` holds
+    the file's bytes ``[base, base + len(buf))``."""
 
-    __slots__ = ("buf", "items_left", "path", "pos", "size")
+    __slots__ = ("base", "buf", "items_left", "path", "pos", "reader", "size")
 
-    def __init__(self, path: Path, buf: mmap.mmap) -> None:
-        self.path = path
-        self.buf = buf
-        self.size = len(buf)
+    def __init__(self, reader: ByteReader) -> None:
+        self.reader = reader
+        self.path = reader.name
+        self.size = reader.size
+        self.buf = b""
+        self.base = 0
         self.pos = 0
         self.items_left = MAX_ARRAY_ITEMS
 
     def fail(self, at: int, problem: str) -> NoReturn:
         raise FormatError(self.path, at, problem)
 
-    def need(self, nbytes: int, what: str) -> None:
+    def window(self, at: int, nbytes: int) -> tuple[bytes, int]:
+        """``(buf, base)`` once ``buf`` holds bytes ``[at, at + nbytes)`` (already
+        checked to lie inside the file): reads from ``at`` when they are not held."""
+        if at < self.base or at + nbytes > self.base + len(self.buf):
+            length = min(max(nbytes, self.reader.window), self.size - at)
+            self.buf = self.reader.read(at, length)
+            self.base = at
+        return self.buf, self.base
+
+    def need(self, nbytes: int, what: str) -> int:
+        """Check ``nbytes`` are left at ``pos`` and fetch them; return their index in ``buf``."""
         left = self.size - self.pos
         if nbytes > left:
             self.fail(self.pos, f"truncated {what}: needs {nbytes} bytes, {left} left in the file")
+        return self.pos - self.window(self.pos, nbytes)[1]
 
     def u32(self, what: str) -> int:
-        self.need(4, what)
-        (value,) = _U32.unpack_from(self.buf, self.pos)
+        at = self.need(4, what)
+        (value,) = _U32.unpack_from(self.buf, at)
         self.pos += 4
         return int(value)
 
     def u64(self, what: str) -> int:
-        self.need(8, what)
-        (value,) = _U64.unpack_from(self.buf, self.pos)
+        at = self.need(8, what)
+        (value,) = _U64.unpack_from(self.buf, at)
         self.pos += 8
         return int(value)
 
@@ -143,7 +167,8 @@ class _GGUFParser:
         left = self.size - self.pos
         if length > left:
             self.fail(at, f"{what} length {length} exceeds the {left} bytes left in the file")
-        raw = self.buf[self.pos : self.pos + length]
+        buf, base = self.window(self.pos, length)
+        raw = buf[self.pos - base : self.pos - base + length]
         self.pos += length
         try:
             return raw.decode("utf-8")
@@ -154,7 +179,7 @@ class _GGUFParser:
 
     def parse(self) -> ModelIndex:
         self.need(4, "magic")
-        magic = self.buf[0:4]
+        magic = self.buf[:4]
         if magic != GGUF_MAGIC:
             self.fail(0, f"bad magic {magic!r}, expected {GGUF_MAGIC!r}")
         self.pos = 4
@@ -220,8 +245,8 @@ class _GGUFParser:
     def value(self, value_type: int, type_at: int, key: str) -> MetadataValue:
         fixed = _FIXED_STRUCTS.get(value_type)
         if fixed is not None:
-            self.need(fixed.size, f"value of {key!r}")
-            (value,) = fixed.unpack_from(self.buf, self.pos)
+            at = self.need(fixed.size, f"value of {key!r}")
+            (value,) = fixed.unpack_from(self.buf, at)
             self.pos += fixed.size
             return value  # type: ignore[no-any-return]
         if value_type == _STRING:
@@ -261,7 +286,8 @@ class _GGUFParser:
         fixed = _FIXED_VALUE_TYPES.get(item_type)
         if fixed is not None:
             _, char, size = fixed
-            items = struct.unpack_from(f"<{count}{char}", self.buf, start)
+            buf, base = self.window(start, count * size)
+            items = struct.unpack_from(f"<{count}{char}", buf, start - base)
             self.pos += count * size
             return items
         if item_type == _STRING:
@@ -282,19 +308,31 @@ class _GGUFParser:
     def skip_strings(self, key: str, count: int) -> None:
         """Skip ``count`` length-prefixed strings without decoding them.
 
-        The fast loop only chains length prefixes; a length that jumps past the
-        end makes the next read fail (or the end land beyond the file), and then
-        a checked walk finds the offending string to report it.
+        The fast loop only chains length prefixes inside the window held (``off``
+        is relative to it); running off its end raises ``struct.error``, and the
+        walk resumes at string ``i`` over a window read from there. A length that
+        jumps past the end of the file lands ``pos`` beyond it, and then a checked
+        walk finds the offending string to report it.
         """
-        buf = self.buf
-        pos = self.pos
+        size = self.size
+        buf, base = self.buf, self.base
+        off = self.pos - base
         unpack = _U64.unpack_from
-        try:
-            for _ in range(count):
-                pos += unpack(buf, pos)[0] + 8
-        except (struct.error, OverflowError):
-            pos = self.size + 1
-        if pos > self.size:
+        i = 0
+        while True:
+            try:
+                for i in range(i, count):  # noqa: B007, B020 - i is where to resume
+                    off += unpack(buf, off)[0] + 8
+                break
+            except (struct.error, OverflowError):
+                pos = base + off
+                if pos + 8 > size:
+                    off = size + 1 - base
+                    break
+                buf, base = self.window(pos, 8)
+                off = pos - base
+        pos = base + off
+        if pos > size:
             self.locate_bad_string(key, count)
         self.pos = pos
 
@@ -317,7 +355,9 @@ class _GGUFParser:
         """Read the tensor infos, checking that each is complete, named in
         UTF-8, unique and of at most MAX_DIMS dimensions (a tight loop: a model
         may have tens of thousands of tensors)."""
-        buf, size, pos = self.buf, self.size, self.pos
+        size, pos = self.size, self.pos
+        buf, base = self.buf, self.base
+        end = base + len(buf)
         unpack_u64, unpack_u32 = _U64.unpack_from, _U32.unpack_from
         unpack_type_and_offset = _TYPE_AND_OFFSET.unpack_from
         entries: list[_Entry] = []
@@ -326,15 +366,21 @@ class _GGUFParser:
             at = pos
             if size - pos < 8:
                 self.fail(pos, f"truncated tensor name length: {size - pos} bytes left in the file")
-            (length,) = unpack_u64(buf, pos)
+            if pos + 8 > end:
+                buf, base = self.window(pos, 8)
+                end = base + len(buf)
+            (length,) = unpack_u64(buf, pos - base)
             pos += 8
             if length > size - pos:
                 self.fail(
                     at,
                     f"tensor name length {length} exceeds the {size - pos} bytes left in the file",
                 )
+            if pos + length > end:
+                buf, base = self.window(pos, length)
+                end = base + len(buf)
             try:
-                name = buf[pos : pos + length].decode("utf-8")
+                name = buf[pos - base : pos - base + length].decode("utf-8")
             except UnicodeDecodeError as exc:
                 self.fail(pos + exc.start, "tensor name is not valid UTF-8")
             pos += length
@@ -343,7 +389,10 @@ class _GGUFParser:
             seen.add(name)
             if size - pos < 4:
                 self.fail(pos, f"truncated dimension count of {name!r}")
-            (n_dims,) = unpack_u32(buf, pos)
+            if pos + 4 > end:
+                buf, base = self.window(pos, 4)
+                end = base + len(buf)
+            (n_dims,) = unpack_u32(buf, pos - base)
             if n_dims > MAX_DIMS:
                 self.fail(pos, f"tensor {name!r} has {n_dims} dimensions, at most {MAX_DIMS}")
             pos += 4
@@ -353,8 +402,11 @@ class _GGUFParser:
                     f"truncated tensor info of {name!r}: needs {8 * n_dims + 12} bytes, "
                     f"{size - pos} left in the file",
                 )
-            ne = _DIMS[n_dims].unpack_from(buf, pos)
-            ggml_type, offset = unpack_type_and_offset(buf, pos + 8 * n_dims)
+            if pos + 8 * n_dims + 12 > end:
+                buf, base = self.window(pos, 8 * n_dims + 12)
+                end = base + len(buf)
+            ne = _DIMS[n_dims].unpack_from(buf, pos - base)
+            ggml_type, offset = unpack_type_and_offset(buf, pos - base + 8 * n_dims)
             entries.append((name, ne, ggml_type, offset, pos))
             pos += 8 * n_dims + 12
         self.pos = pos

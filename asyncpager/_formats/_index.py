@@ -26,6 +26,7 @@ from typing import Literal, TypeAlias, final
 
 from .._errors import TensorNotFound
 from .._tensor import TensorInfo
+from ._reader import ObjectURL
 
 __all__ = [
     "ArraySummary",
@@ -126,7 +127,8 @@ class ModelIndex:
     """The tensor table and metadata of one model (a GGUF file, a safetensors
     file, or a sharded safetensors checkpoint read as one).
 
-    ``files`` lists ``(path, size)`` of every file whose concatenation the
+    ``files`` lists ``(path, size)`` of every file (an :class:`ObjectURL` for a
+    model in object storage) whose concatenation the
     tensor offsets address: one entry for a single file, one per shard in order
     for a sharded checkpoint. ``metadata`` holds the GGUF key/values (long arrays
     as :class:`ArraySummary`) or the safetensors ``__metadata__`` strings.
@@ -135,8 +137,8 @@ class ModelIndex:
     """
 
     format: FormatName
-    path: Path
-    files: tuple[tuple[Path, int], ...]
+    path: Path | ObjectURL
+    files: tuple[tuple[Path | ObjectURL, int], ...]
     tensors: Mapping[str, TensorInfo]
     metadata: Mapping[str, MetadataValue]
     layers: Mapping[int, tuple[str, ...]] = field(init=False)

@@ -70,7 +70,9 @@ def _lone_surrogate(text: str) -> int | None:
     return high_at if high_at >= 0 else None
 
 
-def decode_json(path: Path, text: str, base: int, what: str, decoder: json.JSONDecoder) -> object:
+def decode_json(
+    path: Path | str, text: str, base: int, what: str, decoder: json.JSONDecoder
+) -> object:
     """``decoder.decode(text)`` (``decoder`` from :func:`strict_decoder`), every
     failure a FormatError at byte ``base`` + the offset in ``text`` where it
     was found; ``what`` names the text in messages ("header", "index file")."""

@@ -8,7 +8,8 @@ Invariants:
 
 - The header length is checked against the file size and the 100 MB limit
   before the header is read, so no header makes the parser read or allocate
-  more than the file holds.
+  more than the file holds; only the first ``reader.window`` bytes and then the
+  rest of the header are read, through a :class:`ByteReader` (never the data).
 - Every tensor's ``data_offsets`` span exactly ``dtype × shape`` bytes inside the
   file, and no two non-empty tensors overlap (gaps are allowed).
 - A file parsed at ``base`` gets offsets ``base + 8 + header length + begin``,
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import struct
 from itertools import pairwise
@@ -46,6 +46,7 @@ from ._index import (
     shape_problem,
 )
 from ._json import decode_json, strict_decoder
+from ._reader import ByteReader, FileReader, ObjectURL
 
 __all__ = [
     "MAX_HEADER_SIZE",
@@ -53,6 +54,8 @@ __all__ = [
     "decode_utf8",
     "read_safetensors",
     "read_safetensors_file",
+    "read_safetensors_from",
+    "safetensors_index",
 ]
 
 MAX_HEADER_SIZE = 100_000_000  # the limit the reference implementation enforces
@@ -97,11 +100,17 @@ def read_safetensors(path: Path, *, given: Path | None = None) -> ModelIndex:
         FormatError: the file is not a well-formed safetensors file.
         OSError: the file cannot be read.
     """
-    parsed = read_safetensors_file(path)
+    with FileReader(path) as reader:
+        return safetensors_index(reader, given=given)
+
+
+def safetensors_index(reader: ByteReader, *, given: Path | ObjectURL | None = None) -> ModelIndex:
+    """The ModelIndex of the single safetensors file ``reader`` reads."""
+    parsed = read_safetensors_from(reader)
     return ModelIndex(
         format="safetensors",
-        path=path if given is None else given,
-        files=((path, parsed.size),),
+        path=reader.name if given is None else given,
+        files=((reader.name, parsed.size),),
         tensors=parsed.tensors,
         metadata=parsed.metadata,
     )
@@ -116,27 +125,28 @@ def read_safetensors_file(path: Path, base: int = 0) -> SafetensorsFile:
         FormatError: the file is malformed.
         OSError: the file cannot be read.
     """
-    with open(path, "rb") as file:
-        size = os.fstat(file.fileno()).st_size
-        head = file.read(8)
-        if len(head) < 8:
-            raise FormatError(
-                path, 0, f"truncated header length: needs 8 bytes, the file has {len(head)}"
-            )
-        (header_len,) = _U64.unpack(head)
-        if header_len > MAX_HEADER_SIZE:
-            raise FormatError(
-                path, 0, f"header length {header_len} is over the {MAX_HEADER_SIZE}-byte limit"
-            )
-        if header_len > size - 8:
-            raise FormatError(
-                path,
-                0,
-                f"header length {header_len} runs past the end of the file ({size} bytes)",
-            )
-        raw = file.read(header_len)
-    if len(raw) < header_len:
-        raise FormatError(path, 8 + len(raw), "truncated header: the file shrank while reading")
+    with FileReader(path) as reader:
+        return read_safetensors_from(reader, base)
+
+
+def read_safetensors_from(reader: ByteReader, base: int = 0) -> SafetensorsFile:
+    """:func:`read_safetensors_file` over any reader: the length, then the header
+    (one fetch of ``reader.window`` bytes when the header fits in it), never the data."""
+    path, size = reader.name, reader.size
+    if size < 8:
+        raise FormatError(path, 0, f"truncated header length: needs 8 bytes, the file has {size}")
+    (header_len,) = _U64.unpack(reader.read(0, 8))
+    if header_len > MAX_HEADER_SIZE:
+        raise FormatError(
+            path, 0, f"header length {header_len} is over the {MAX_HEADER_SIZE}-byte limit"
+        )
+    if header_len > size - 8:
+        raise FormatError(
+            path,
+            0,
+            f"header length {header_len} runs past the end of the file ({size} bytes)",
+        )
+    raw = reader.read(8, header_len)  # from the block the first read holds, if it is there
     parser = SafetensorsFile(path, raw, size, base)
     parser.parse()
     return parser
@@ -169,7 +179,7 @@ class SafetensorsFile:
         "text",
     )
 
-    def __init__(self, path: Path, raw: bytes, size: int, base: int) -> None:
+    def __init__(self, path: Path | str, raw: bytes, size: int, base: int) -> None:
         self.path = path
         self.raw = raw
         self.size = size
@@ -336,7 +346,7 @@ def _top_level_key_positions(text: str) -> dict[str, list[int]]:
     return positions
 
 
-def decode_utf8(path: Path, raw: bytes, base: int, what: str) -> str:
+def decode_utf8(path: Path | str, raw: bytes, base: int, what: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:

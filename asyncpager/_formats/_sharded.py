@@ -14,7 +14,6 @@ Invariants:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -22,15 +21,21 @@ from .._errors import FormatError
 from .._tensor import TensorInfo
 from ._index import MetadataValue, ModelIndex
 from ._json import decode_json, strict_decoder
-from ._safetensors import decode_utf8, read_safetensors_file
+from ._reader import LocalLocation, Location, ObjectURL
+from ._safetensors import decode_utf8, read_safetensors_from
 
-__all__ = ["INDEX_FILE_NAME", "read_sharded_safetensors"]
+__all__ = ["INDEX_FILE_NAME", "read_sharded_at", "read_sharded_safetensors"]
 
 INDEX_FILE_NAME = "model.safetensors.index.json"
 MAX_INDEX_SIZE = 100_000_000
 
 
 def read_sharded_safetensors(index_path: Path, *, given: Path | None = None) -> ModelIndex:
+    """Index a local sharded checkpoint (see :func:`read_sharded_at`)."""
+    return read_sharded_at(LocalLocation(index_path), given=given)
+
+
+def read_sharded_at(location: Location, *, given: Path | ObjectURL | None = None) -> ModelIndex:
     """Index a sharded checkpoint described by ``index_path`` (a
     ``*.safetensors.index.json``) as one model over its shards, which are taken
     in sorted file-name order.
@@ -43,7 +48,8 @@ def read_sharded_safetensors(index_path: Path, *, given: Path | None = None) -> 
             the ``weight_map`` disagrees with the shards.
         OSError: a file cannot be read.
     """
-    text, index = _read_index_json(index_path)
+    index_path = location.name
+    text, index = _read_index_json(location)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not all(
         isinstance(shard, str) for shard in weight_map.values()
@@ -54,7 +60,7 @@ def read_sharded_safetensors(index_path: Path, *, given: Path | None = None) -> 
             "no weight_map object mapping tensor names to shard file names",
         )
     shard_names = sorted(set(weight_map.values()))
-    files: list[tuple[Path, int]] = []
+    files: list[tuple[Path | ObjectURL, int]] = []
     tensors: dict[str, TensorInfo] = {}
     owner: dict[str, str] = {}
     metadata: dict[str, MetadataValue] = {}
@@ -67,12 +73,14 @@ def read_sharded_safetensors(index_path: Path, *, given: Path | None = None) -> 
                 _key_offset(text, shard_name),
                 f"shard name {shard_name!r} is not a relative path inside the checkpoint",
             )
-        shard_path = index_path.parent.joinpath(*parts)
-        if not shard_path.is_file():
+        shard = location.sibling("/".join(parts))
+        if not shard.is_file():
             raise FormatError(
                 index_path, _key_offset(text, shard_name), f"shard {shard_name!r} does not exist"
             )
-        parsed = read_safetensors_file(shard_path, base)
+        shard_path = shard.name
+        with shard.open_reader() as reader:
+            parsed = read_safetensors_from(reader, base)
         for name, info in parsed.tensors.items():
             if name in tensors:
                 raise FormatError(
@@ -107,12 +115,13 @@ def read_sharded_safetensors(index_path: Path, *, given: Path | None = None) -> 
     )
 
 
-def _read_index_json(index_path: Path) -> tuple[str, dict[str, Any]]:
-    with open(index_path, "rb") as file:
-        size = os.fstat(file.fileno()).st_size
+def _read_index_json(location: Location) -> tuple[str, dict[str, Any]]:
+    index_path = location.name
+    with location.open_reader() as reader:
+        size = reader.size
         if size > MAX_INDEX_SIZE:
             raise FormatError(index_path, 0, f"index file of {size} bytes is over the 100 MB limit")
-        raw = file.read(size)
+        raw = reader.read(0, size)
     text = decode_utf8(index_path, raw, 0, "index file")
     index = _parse_json(index_path, text, 0, "index file")
     if not isinstance(index, dict):
@@ -141,7 +150,7 @@ def _unique_decoder() -> json.JSONDecoder:
     return strict_decoder(object_pairs_hook=_unique_object)
 
 
-def _parse_json(path: Path, text: str, base: int, what: str) -> object:
+def _parse_json(path: Path | str, text: str, base: int, what: str) -> object:
     """Strict ``json.loads`` with duplicate keys refused and every failure a
     FormatError at the byte (``base`` + offset in ``text``) where it was found."""
     try:

@@ -51,6 +51,7 @@ async def generate_streaming(args: argparse.Namespace, out: TextIO) -> GenerateR
         dtype=args.dtype,
         torch_threads=args.torch_threads,
         direct_io=args.direct_io,
+        **getattr(args, "remote", {}),
     ) as lm:
         tok = lm.tokenizer
         if tok is None:

@@ -16,9 +16,12 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import inspect
 import os
-from collections.abc import AsyncIterator, Generator, Iterable, Sequence
+import tempfile
+from collections.abc import AsyncIterator, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,7 @@ import torch
 
 from .._errors import FormatError, PagerClosed
 from .._formats import read_index
+from .._formats._open import is_url
 from .._lease import LeaseGroup
 from .._open import open as open_pager
 from .._pager import Pager
@@ -94,10 +98,32 @@ def _stored_float_dtype(index: Any) -> torch.dtype:
 
 
 class _Prepared:
-    """What opening builds off the loop (index, config, skeleton, tokenizer)."""
+    """What opening builds off the loop (index, config, skeleton, tokenizer). For a URL
+    the index is read remotely and the small files (config, tokenizer) are copied to a
+    local directory first: ``cache_dir``'s, or a temporary one removed once loaded."""
 
-    def __init__(self, path: Path, dtype: str | torch.dtype | None, tokenizer: bool) -> None:
-        self.index = read_index(path)
+    def __init__(
+        self,
+        path: Path | str,
+        dtype: str | torch.dtype | None,
+        tokenizer: bool,
+        remote: dict[str, Any] | None = None,
+    ) -> None:
+        if isinstance(path, str):
+            remote = remote or {}
+            self.index = read_index(
+                path,
+                storage_options=remote.get("storage_options"),
+                cache_dir=remote.get("cache_dir"),
+                cache_bytes=remote.get("cache_bytes"),
+            )
+            with _local_files(path, remote) as local:
+                self._load(local, dtype, tokenizer)
+        else:
+            self.index = read_index(path)
+            self._load(path, dtype, tokenizer)
+
+    def _load(self, path: Path, dtype: str | torch.dtype | None, tokenizer: bool) -> None:
         if self.index.format != "safetensors":
             raise FormatError(
                 path,
@@ -110,6 +136,38 @@ class _Prepared:
         self.skeleton: Skeleton = build_skeleton(path, self.config, self.index, self.dtype)
         self.tokenizer = _load_tokenizer(path) if tokenizer else None
         self.generation_config = _load_generation_config(path, self.config)
+
+
+#: ap.open's object-storage keywords, which opening the LM uses before the pager too.
+_REMOTE_OPTIONS = ("storage_options", "cache_dir", "cache_bytes", "remote_options")
+_SMALL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+@contextlib.contextmanager
+def _local_files(url: str, remote: dict[str, Any]) -> Iterator[Path]:
+    """The checkpoint's small files under ``url`` in a local directory."""
+    from .._remote import fetch_small_files
+
+    options = remote.get("storage_options")
+    cache_dir = remote.get("cache_dir")
+    if cache_dir is not None:
+        digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:32]
+        yield fetch_small_files(url, _SMALL_FILES, Path(cache_dir) / "files" / digest, options)
+        return
+    with tempfile.TemporaryDirectory(prefix="asyncpager-checkpoint-") as tmp:
+        yield fetch_small_files(url, _SMALL_FILES, Path(tmp), options)
 
 
 def _load_tokenizer(path: Path) -> Any:
@@ -179,7 +237,7 @@ class PagedCausalLM:
         prefetch_depth: int,
         torch_threads: int | None,
         max_concurrent_forwards: int,
-        path: Path,
+        path: Path | str,
         paged: Sequence[str] = (),
     ) -> None:
         self.path = path
@@ -231,6 +289,10 @@ class PagedCausalLM:
         ``model.safetensors`` or a sharded ``model.safetensors.index.json``; tokenizer
         files if present) with its decoder layers paged under ``budget_bytes`` (bytes
         or a size such as ``"300MiB"``; it covers the pinned non-layer tensors too).
+        ``path`` may be the URL of such a directory in object storage (``s3://``,
+        ``gs://``, ``az://``, ``https://``): the weights are paged from it, and
+        ``storage_options``, ``cache_dir``, ``cache_bytes``, ``remote_options`` (in
+        ``pager_options``) work as for :func:`asyncpager.open`.
 
         ``dtype`` is the model's compute dtype (default: the config's, else the
         checkpoint's); tensors stored in another floating dtype are converted (a copy)
@@ -254,7 +316,7 @@ class PagedCausalLM:
         """
         return _OpenContext(
             cls._open(
-                Path(path),
+                str(path) if is_url(path) else Path(path),
                 budget_bytes=parse_size(budget_bytes)
                 if isinstance(budget_bytes, str)
                 else budget_bytes,
@@ -273,7 +335,7 @@ class PagedCausalLM:
     @classmethod
     async def _open(
         cls,
-        path: Path,
+        path: Path | str,
         *,
         budget_bytes: int,
         prefetch_depth: int,
@@ -288,7 +350,8 @@ class PagedCausalLM:
     ) -> PagedCausalLM:
         if max_concurrent_forwards < 1:
             raise ValueError(f"max_concurrent_forwards must be >= 1, not {max_concurrent_forwards}")
-        prepared = await asyncio.to_thread(_Prepared, path, dtype, tokenizer)
+        remote = {k: pager_options.pop(k) for k in _REMOTE_OPTIONS if k in pager_options}
+        prepared = await asyncio.to_thread(_Prepared, path, dtype, tokenizer, remote)
         skeleton = prepared.skeleton
         paged = _ends_to_page(prepared.index, skeleton, budget_bytes, pin_embeddings)
         pager = open_pager(
@@ -301,6 +364,7 @@ class PagedCausalLM:
             prefetch_depth=max(0, prefetch_depth - 1),
             policy=policy,
             direct_io=direct_io,
+            **remote,
             **pager_options,
         )
         try:
@@ -347,9 +411,7 @@ class PagedCausalLM:
         self._ends.remove()
         # No forward runs any more: unbind the pinned tensors, then release them (the
         # modules must not keep the leased arrays alive past their release).
-        for name in self._resident:
-            for slot in self._skeleton.slots[name]:
-                slot.table[slot.attr] = slot.placeholder
+        _unbind_resident(self._skeleton, self._resident)
         self._resident.release()
 
     async def __aenter__(self) -> Self:
@@ -563,6 +625,12 @@ def _check_layer_fits(pager: Pager, skeleton: Skeleton, paged: Iterable[str] = (
                 f"of {pager.budget_bytes} bytes are left after the pinned non-layer "
                 f"tensors ({pinned} bytes)"
             )
+
+
+def _unbind_resident(skeleton: Skeleton, group: LeaseGroup) -> None:
+    for name in group:
+        for slot in skeleton.slots[name]:
+            slot.table[slot.attr] = slot.placeholder
 
 
 def _bind_resident(skeleton: Skeleton, group: LeaseGroup) -> None:

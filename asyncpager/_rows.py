@@ -273,7 +273,6 @@ class RowsMixin:
         if nbytes == 0:
             entry.array = np.empty(entry.info.shape or (0,), entry.info.dtype)
             entry.array.flags.writeable = False
-            return entry
         return entry
 
     # ------------------------------------------------------------------ loading

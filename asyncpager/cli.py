@@ -584,6 +584,17 @@ def _add_remote_options(p: argparse.ArgumentParser, cache: bool) -> None:
         _option(p, "--cache-bytes", _size_arg, None, "SIZE", "most bytes --cache-dir may hold")
 
 
+def _add_paging_options(p: argparse.ArgumentParser) -> None:
+    """``--prefetch`` and ``--policy``, as every command that pages a model takes them."""
+    _option(p, "--prefetch", _nonneg_int, 1, "N", "layers to load ahead")
+    p.add_argument(
+        "--policy",
+        choices=("lru", "schedule"),
+        default="schedule",
+        help="eviction policy (default: schedule)",
+    )
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help=_MODEL_HELP)
     _option(
@@ -595,13 +606,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "RAM for weights: a size (512MiB, 2GiB, 1.5GB, 4096, 64k) or a share of the "
         "bytes of the model's layers",
     )
-    _option(p, "--prefetch", _nonneg_int, 1, "N", "layers to load ahead")
-    p.add_argument(
-        "--policy",
-        choices=("lru", "schedule"),
-        default="schedule",
-        help="eviction policy (default: schedule)",
-    )
+    _add_paging_options(p)
     _option(p, "--compute-ms", _nonneg_float, 5.0, "MS", "compute per layer, in milliseconds")
     _option(p, "--tokens", _positive_int, 16, "N", "tokens to measure, after one warm-up token")
     p.add_argument(
@@ -783,13 +788,7 @@ def _add_generate(sub: Any) -> None:
     _option(p, "--budget", str, "50%", "SIZE|N%", "RAM for weights, pinned ones included")
     _option(p, "--prompt", str, "The capital of France is", "TEXT", "the prompt")
     _option(p, "--max-new-tokens", _nonneg_int, 32, "N", "tokens to generate at most")
-    _option(p, "--prefetch", _nonneg_int, 1, "N", "layers to load ahead")
-    p.add_argument(
-        "--policy",
-        choices=("lru", "schedule"),
-        default="schedule",
-        help="eviction policy (default: schedule)",
-    )
+    _add_paging_options(p)
     _option(p, "--temperature", _nonneg_float, 0.0, "T", "0 is greedy")
     _option(p, "--top-p", _positive_float, 1.0, "P", "nucleus sampling share")
     _option(p, "--seed", int, None, "N", "sampling seed")

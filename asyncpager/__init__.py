@@ -16,26 +16,20 @@ from ._errors import (
     SourceError,
     TensorNotFound,
 )
-from ._flight import LoadFlight
-from ._formats import ArraySummary, ModelIndex, read_index
-from ._lease import AcquireContext, Lease, LeaseGroup
 from ._open import HotSet, open, open_async
-from ._pager import Pager
-from ._remote import DiskCache, ObjectStoreSource, RemoteStats
-from ._request import RequestScope, RequestStats
-from ._row_blocks import RowBlocks
 from ._sizes import Size
-from ._sources import (
-    AiofilesSource,
-    ConcatSource,
-    FileSource,
-    MemorySource,
-    MmapSource,
-    MultiFileSource,
-    Source,
-)
-from ._stats import LatencyHistogram, LatencySummary, PagerStats
 from ._tensor import TensorInfo
+from .formats import ArraySummary, ModelIndex, read_index
+from .pager._flight import LoadFlight
+from .pager._lease import AcquireContext, Lease, LeaseGroup
+from .pager._pager import Pager
+from .pager._request import RequestScope, RequestStats
+from .pager._row_blocks import RowBlocks
+from .pager._stats import LatencyHistogram, LatencySummary, PagerStats
+from .sources._cache import DiskCache
+from .sources._files import AiofilesSource, ConcatSource, FileSource, MmapSource, MultiFileSource
+from .sources._remote import ObjectStoreSource, RemoteStats
+from .sources._source import MemorySource, Source
 
 __all__ = [
     "AcquireContext",

@@ -13,19 +13,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ._errors import FormatError, SourceError
-from ._formats import ModelIndex, read_index
-from ._formats._open import is_url, read_index_at
-from ._formats._reader import ObjectURL
-from ._pager import Pager
 from ._sizes import Size
-from ._sources import (
-    AiofilesSource,
-    ConcatSource,
-    FileSource,
-    MmapSource,
-    MultiFileSource,
-    Source,
-)
+from .formats import ModelIndex, read_index
+from .formats._open import is_url, read_index_at
+from .pager._pager import Pager
+from .sources._files import AiofilesSource, ConcatSource, FileSource, MmapSource, MultiFileSource
+from .sources._readers import ObjectURL
+from .sources._source import Source
 
 __all__ = ["HotSet", "open", "open_async"]
 
@@ -217,7 +211,8 @@ class _RemoteOptions:
 def _open_remote(url: str, remote: _RemoteOptions, io_workers: int) -> tuple[Source, ModelIndex]:
     """Read the index of the model at ``url`` and open sources over its objects, each
     pinned to the version its header was read at (blocking: network requests)."""
-    from ._remote import DEFAULT_REMOTE_CHUNK_BYTES, open_remote_sources, remote_location
+    from .sources._object import remote_location
+    from .sources._remote import DEFAULT_REMOTE_CHUNK_BYTES, open_remote_sources
 
     options = dict(remote.source_options or {})
     with _as_source_error(url):

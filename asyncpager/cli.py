@@ -31,13 +31,14 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from . import __version__
-from ._decode import DecodeResult, decode_ends, run_decode
 from ._errors import BudgetExceeded, FormatError, SourceError
-from ._formats import ModelIndex, read_index
-from ._formats._open import is_url
 from ._open import open as open_model
-from ._plot import RunPicture, matplotlib_available, plot_path_problem, plot_runs
-from ._report import (
+from ._sizes import Budget, format_size, parse_budget, parse_size
+from .formats import ModelIndex, read_index
+from .formats._open import is_url
+from .tools.decode import DecodeResult, decode_ends, run_decode
+from .tools.plot import RunPicture, matplotlib_available, plot_path_problem, plot_runs
+from .tools.report import (
     Progress,
     describe_index,
     format_duration,
@@ -47,8 +48,7 @@ from ._report import (
     load_overlap,
     token_starts,
 )
-from ._sizes import Budget, format_size, parse_budget, parse_size
-from ._synth import write_synthetic_gguf
+from .tools.synth import write_synthetic_gguf
 
 __all__ = ["main"]
 

@@ -30,8 +30,8 @@ from prometheus_client.core import (
     Metric,
 )
 
-from ._pager import Pager
-from ._stats import LatencyHistogram
+from .pager._pager import Pager
+from .pager._stats import LatencyHistogram
 
 __all__ = ["DEFAULT_BUCKETS", "PagerCollector", "cumulative_buckets", "leases_held"]
 

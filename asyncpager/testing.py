@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any, Literal, final
 
 from ._errors import SourceError
-from ._sources import Source
-from ._synth import write_synthetic_gguf
+from .sources._source import Source
+from .tools.synth import write_synthetic_gguf
 
 __all__ = [
     "Fault",

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _benchutil import table
 
 import asyncpager as ap
-from asyncpager._decode import run_decode
-from asyncpager._synth import write_synthetic_gguf
+from asyncpager.tools.decode import DecodeResult, run_decode
+from asyncpager.tools.synth import write_synthetic_gguf
 
 MiB = 1 << 20
 CACHE = Path(os.environ.get("ASYNCPAGER_BENCH_DIR", Path.home() / ".cache" / "asyncpager"))
@@ -65,7 +65,7 @@ async def loop_lag(lags: list[float], period: float = 0.001) -> None:
 
 async def one(
     path: Path, budget: int, depth: int, policy: str, tokens: int, compute_ms: float, compute: str
-) -> tuple[ap._decode.DecodeResult, list[float]]:
+) -> tuple[DecodeResult, list[float]]:
     lags: list[float] = []
     async with ap.open(path, budget_bytes=budget, prefetch_depth=depth, policy=policy) as pager:
         monitor = asyncio.create_task(loop_lag(lags), name="bench:loop-lag")

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from asyncpager._formats import read_index
+from asyncpager.formats import read_index
 
 
 def median_ms(fn: Callable[[], object], runs: int) -> float:

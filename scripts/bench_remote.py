@@ -82,7 +82,7 @@ def make_safetensors(size_mib: int) -> Path:
 class Server:
     def __init__(self, root: Path) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.remote_servers", str(root)],
+            [sys.executable, "-m", "tests.support.remote_servers", str(root)],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             text=True,
@@ -348,7 +348,7 @@ def main() -> None:
     models = []
     if not args.no_gemma:
         sys.path.insert(0, str(ROOT))
-        from tests.formatgen import gemma_gguf_path
+        from tests.support.formatgen import gemma_gguf_path
 
         models.append(gemma_gguf_path())
     models.append(make_safetensors(args.size_mib))

@@ -33,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import asyncpager as ap
-from tests.serveproc import Served
+from tests.support.serveproc import Served
 
 TOPICS = [
     "the history of the printing press", "how volcanoes form", "the life of bees",

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import asyncpager as ap
 from asyncpager._sizes import format_size, parse_budget
-from asyncpager._synth import write_synthetic_gguf
+from asyncpager.tools.synth import write_synthetic_gguf
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Shared fixtures: every async test runs on asyncio and on uvloop, and every pager a
+"""Fixtures every folder shares: every async test runs on asyncio and on uvloop, and every pager a
 test builds through ``make_pager`` is checked for exact accounting — continuously by a
 monitor task while the test runs, and once more at the end."""
 
@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import uvloop
 
 import asyncpager as ap
-from tests.fakes import assert_invariants
-from tests.remote_servers import MotoS3, RangeServer, moto_s3_server
+import asyncpager.pager._pager
+from tests.support.fakes import assert_invariants
+from tests.support.pagers import PagerFactory, PagerWatch
+
+if TYPE_CHECKING:  # the servers import aiohttp and moto: only the tests that use them load them
+    from tests.support.remote_servers import MotoS3, RangeServer
 
 
 def pytest_asyncio_loop_factories(
@@ -28,13 +32,7 @@ def _debug_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     as the example server run as users would): a test that keeps an array past its
     lease's release gets a LeaseWarning (an error under -W error), and evicted
     buffers are poisoned, so a use after release cannot pass on stale bytes."""
-    monkeypatch.setattr(ap._pager, "debug_default", lambda: True)
-
-
-PagerFactory = Callable[..., ap.Pager]
-
-
-PagerWatch = Callable[[ap.Pager], ap.Pager]
+    monkeypatch.setattr(asyncpager.pager._pager, "debug_default", lambda: True)
 
 
 @pytest.fixture
@@ -83,29 +81,14 @@ def make_pager(watch_pager: PagerWatch) -> PagerFactory:
     return factory
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Any]:
-    """``tiny_models("llama" | "qwen2" | "gemma3")``: a tiny random-weight checkpoint
-    directory saved by transformers (made once per session)."""
-    from tests.tinylm import make_tiny_model
-
-    root = tmp_path_factory.mktemp("tiny-lm")
-    made: dict[str, Any] = {}
-
-    def get(arch: str) -> Any:
-        if arch not in made:
-            made[arch] = make_tiny_model(root / arch, arch)
-        return made[arch]
-
-    return get
-
-
 # -- real servers on loopback (object-storage tests) ---------------------------
 
 
 @pytest.fixture
 def range_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RangeServer]:
     """An HTTP server honouring Range/If-Match over a fresh directory, with fault hooks."""
+    from tests.support.remote_servers import RangeServer
+
     server = RangeServer(tmp_path_factory.mktemp("served")).start()
     try:
         yield server
@@ -116,5 +99,7 @@ def range_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RangeServ
 @pytest.fixture(scope="session")
 def moto_s3() -> Iterator[MotoS3]:
     """moto's standalone S3 server on a free loopback port, one bucket; session-wide."""
+    from tests.support.remote_servers import moto_s3_server
+
     with moto_s3_server() as s3:
         yield s3

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import asyncpager as ap
-from tests.conftest import PagerFactory
-from tests.fakes import make_tensors
+from tests.support.fakes import make_tensors
+from tests.support.pagers import PagerFactory
 
 
 def test_tensorinfo_defaults_and_validation() -> None:

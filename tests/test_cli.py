@@ -6,45 +6,23 @@ argument. Sizes are parsed as documented in ``asyncpager/_sizes.py``."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import asyncpager as ap
 from asyncpager._sizes import Budget, format_size, parse_budget, parse_size
-from asyncpager._synth import write_synthetic_gguf
+from asyncpager.tools.synth import write_synthetic_gguf
+from tests.support.cli import FAST, assert_one_line_error, run_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYERS = 4
-FAST = ("--compute-ms", "1", "--tokens", "2")
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("cli") / "tiny.gguf"
     return write_synthetic_gguf(path, n_layers=LAYERS, layer_bytes=64 << 10, width=64)
-
-
-def run_cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "asyncpager", *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int) -> str:
-    assert proc.returncode == code, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert proc.stdout == ""
-    return lines[0]
 
 
 def assert_png(path: Path) -> None:
@@ -309,7 +287,7 @@ def test_every_plot_format_is_one_matplotlib_writes() -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from asyncpager._plot import PLOT_FORMATS, plot_path_problem
+    from asyncpager.tools.plot import PLOT_FORMATS, plot_path_problem
 
     supported = FigureCanvasAgg(Figure()).get_supported_filetypes()
     assert set(PLOT_FORMATS) <= set(supported)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from asyncpager._synth import write_synthetic_gguf
-from tests.remote_servers import MotoS3, RangeServer
-from tests.test_cli import FAST, assert_one_line_error, run_cli
+from asyncpager.tools.synth import write_synthetic_gguf
+from tests.support.cli import FAST, assert_one_line_error, run_cli
+from tests.support.remote_servers import MotoS3, RangeServer
 
 LAYERS = 4
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from asyncpager._formats._dtypes import numpy_dtype
-from asyncpager._formats._ggml import GGML_TYPES
-from tests.formatgen import write_safetensors
+from asyncpager.formats._dtypes import numpy_dtype
+from asyncpager.formats._ggml import GGML_TYPES
+from tests.support.formatgen import write_safetensors
 
 
 def _run(code: str) -> str:

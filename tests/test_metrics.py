@@ -20,8 +20,8 @@ from asyncpager.metrics import (  # noqa: E402
     cumulative_buckets,
     leases_held,
 )
-from tests.conftest import PagerFactory  # noqa: E402
-from tests.fakes import GatedSource, make_tensors  # noqa: E402
+from tests.support.fakes import GatedSource, make_tensors  # noqa: E402
+from tests.support.pagers import PagerFactory  # noqa: E402
 
 SIZE = 4096
 COUNTERS = [

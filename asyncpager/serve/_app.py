@@ -158,7 +158,7 @@ class Server:
         r = self.registry
         pager = getattr(self.lm, "pager", None)
         if pager is not None:
-            from asyncpager.metrics import PagerCollector
+            from ..metrics import PagerCollector
 
             r.register(PagerCollector(pager))
         if hasattr(self.lm, "forward_stats"):
@@ -539,7 +539,7 @@ async def healthz(request: web.Request) -> web.Response:
     }
     pager = getattr(server.lm, "pager", None)
     if pager is not None:
-        from asyncpager.metrics import leases_held
+        from ..metrics import leases_held
 
         body.update(
             budget_bytes=pager.budget_bytes,

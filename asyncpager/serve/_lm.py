@@ -25,7 +25,7 @@ async def open_lm(
     """The paged model at ``path`` (closed, with its pager, at exit)."""
     from transformers.utils import logging as hf_logging
 
-    from asyncpager.torch import PagedCausalLM
+    from ..torch import PagedCausalLM
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     async with PagedCausalLM.open(

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import Any, TextIO
 
-from .._report import format_duration
 from .._sizes import format_size
+from ..tools.report import format_duration
 from ._lm import ForwardStats, PagedCausalLM
 from ._skeleton import CheckpointMismatch
 

@@ -28,9 +28,9 @@ from torch import nn
 from ._tensors import weight_view
 
 if TYPE_CHECKING:
-    from .._lease import Lease
-    from .._pager import Pager
-    from .._row_blocks import RowBlocks
+    from ..pager._lease import Lease
+    from ..pager._pager import Pager
+    from ..pager._row_blocks import RowBlocks
     from ._skeleton import Skeleton
 
 __all__ = ["PagedEnds", "pageable_ends"]

@@ -41,12 +41,12 @@ import torch
 from torch import nn
 
 from .._errors import PagerClosed
-from .._lease import LeaseGroup
+from ..pager._lease import LeaseGroup
 from ._skeleton import Skeleton, Slot
 from ._tensors import weight_view
 
 if TYPE_CHECKING:
-    from .._pager import Pager
+    from ..pager._pager import Pager
 
 __all__ = ["ForwardCancelled", "ForwardRun", "LayerHooks"]
 

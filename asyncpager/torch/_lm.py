@@ -32,13 +32,13 @@ from typing import Any, Literal, Self, final
 import torch
 
 from .._errors import FormatError, PagerClosed
-from .._formats import read_index
-from .._formats._open import is_url
-from .._lease import LeaseGroup
 from .._open import open as open_pager
-from .._pager import Pager
-from .._pool import block_capacity
 from .._sizes import parse_size
+from ..formats import read_index
+from ..formats._open import is_url
+from ..pager._lease import LeaseGroup
+from ..pager._pager import Pager
+from ..pager._pool import block_capacity
 from ._decode import DecodeLoop, as_ids, eos_ids
 from ._ends import PagedEnds, pageable_ends
 from ._layers import ForwardCancelled, ForwardRun, LayerHooks
@@ -158,7 +158,7 @@ _SMALL_FILES = (
 @contextlib.contextmanager
 def _local_files(url: str, remote: dict[str, Any]) -> Iterator[Path]:
     """The checkpoint's small files under ``url`` in a local directory."""
-    from .._remote import fetch_small_files
+    from ..sources._remote import fetch_small_files
 
     options = remote.get("storage_options")
     cache_dir = remote.get("cache_dir")

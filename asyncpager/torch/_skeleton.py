@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from .._errors import FormatError, PagerError
-from .._formats import ModelIndex
-from .._formats._index import layer_of
+from ..formats import ModelIndex
+from ..formats._index import layer_of
 
 __all__ = ["CheckpointMismatch", "Skeleton", "Slot", "build_skeleton", "load_config"]
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.utils.dlpack
 
-from .._lease import Lease
+from ..pager._lease import Lease
 
 __all__ = ["ReadOnlyTensor", "as_tensor", "bind_view", "torch_dtype", "weight_view"]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from .._errors import SourceError
-from ._cache import DiskCache
+from ._cache import DiskCache, Lookup
 from ._readers import INDEX_FILE_NAME, ByteReader, Location, ObjectURL
 from ._store import DEFAULT_REMOTE_CHUNK_BYTES, _clean, _import_obstore, _make_store, _Store
 
@@ -80,8 +80,11 @@ class ObjectReader(ByteReader):
         length = min(c, self.size - k * c)
         path = self._chunk_dir / f"{k:08d}.chunk"
         buf = bytearray(length)
-        if self._cache.disk.read(path, length, 0, [memoryview(buf)]):
+        found = self._cache.disk.read(path, length, 0, [memoryview(buf)])
+        if found is Lookup.HIT:
             return bytes(buf)
+        if found is not Lookup.ABSENT:
+            self._cache.disk.refused(path, found, self.url)
         data = self._fetch(k * c, length)
         if len(data) == length:
             self._cache.disk.write(path, memoryview(data))

@@ -26,12 +26,14 @@ Invariants:
 - Credentials come from ``storage_options`` or the environment; they are never part
   of a repr, an error message or a log line (only the URL without user info or
   query string is).
-- The disk cache never serves a chunk that is not whole: a chunk is written to a
-  temporary file then renamed (atomic), and a chunk file of the wrong size is
-  ignored; renames and evictions run under an exclusive ``flock`` on the cache
-  directory, so processes sharing it never corrupt it, and its size stays within
-  ``cache_bytes``. A failed write (a full disk) logs one warning and the read is
-  served from the store.
+- The disk cache never serves bytes other than those fetched: each chunk file
+  carries a checksum per 64 KiB block, checked on every read; a chunk that fails
+  (damaged in place, truncated, swapped, or of the older format without
+  checksums) is fetched again from the store, and said so once in the log. A
+  chunk is written to a temporary file then renamed (atomic); renames and
+  evictions run under an exclusive ``flock`` on the cache directory, so processes
+  sharing it never corrupt it, and its size stays within ``cache_bytes``. A failed
+  write (a full disk) logs one warning and the read is served from the store.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import SourceError
-from ._cache import DiskCache
+from ._cache import DiskCache, Lookup
 from ._executor import PriorityThreadPool, io_priority
 from ._object import ObjectLocation, ObjectReader, remote_location
 from ._readers import ObjectURL
@@ -75,6 +77,7 @@ __all__ = [
 #: same 8 x 8 MiB against S3): large enough that per-request overhead is small,
 #: enough in flight to hide one request's latency.
 _MIN_PIECE = 4 << 20
+_REFUSED = (Lookup.DAMAGED, Lookup.UNCHECKED)
 
 
 # -- the source -------------------------------------------------------------
@@ -89,6 +92,8 @@ class RemoteStats:
     retries: int = 0
     cache_hit_bytes: int = 0
     cache_miss_bytes: int = 0
+    #: Cached chunks refused (damaged, or without checksums) and fetched again.
+    cache_refused: int = 0
     failures: list[str] = field(default_factory=list)
 
 
@@ -249,17 +254,22 @@ class ObjectStoreSource(Source):
         executor = self.executor
         assert executor is not None
         pending = self._chunk_fetches.get(k)
+        refused = None
         if pending is None:
             # A large hit is split so every I/O worker copies a share, as FileSource does.
             share = max(_MIN_PIECE, -(-need // self._io_workers))
             jobs = split_chunks(local, views, share)
             read = functools.partial(self.cache.read, path, length)
-            hits = await _run_all(executor, [functools.partial(read, o, v) for o, v in jobs])
-            if all(hits):
+            found = await _run_all(executor, [functools.partial(read, o, v) for o, v in jobs])
+            if all(f is Lookup.HIT for f in found):
                 self.stats.cache_hit_bytes += need
                 return
+            refused = next((f for f in found if f in _REFUSED), None)
             pending = self._chunk_fetches.get(k)
         if pending is None:
+            if refused is not None:
+                self.stats.cache_refused += 1
+                self.cache.refused(path, refused, self.url)
             pending = asyncio.get_running_loop().create_future()
             self._chunk_fetches[k] = pending
             try:

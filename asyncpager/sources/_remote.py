@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import heapq
 import os
 import secrets
@@ -52,7 +53,7 @@ from typing import Any
 from .._errors import SourceError
 from ._cache import DiskCache, Lookup
 from ._executor import PriorityThreadPool, io_priority
-from ._object import ObjectLocation, ObjectReader, remote_location
+from ._object import BodyCheck, ObjectLocation, ObjectReader, remote_location
 from ._readers import ObjectURL
 from ._source import Source, _run_all, split_chunks
 from ._store import (
@@ -94,6 +95,8 @@ class RemoteStats:
     cache_miss_bytes: int = 0
     #: Cached chunks refused (damaged, or without checksums) and fetched again.
     cache_refused: int = 0
+    #: Whole-object bodies that matched the MD5 their ETag states.
+    etag_verified: int = 0
     failures: list[str] = field(default_factory=list)
 
 
@@ -165,7 +168,11 @@ class ObjectStoreSource(Source):
         obstore = _import_obstore()
         options = self._pin.options((start, end))
         last: BaseException | None = None
-        for attempt in range(self.retries + 1):
+        # A body that is the whole object is checked against an MD5 ETag; one more
+        # GET than the retries tells damage in transit from an ETag that is no MD5.
+        check = BodyCheck(self._pin.md5 if (start, end) == (0, self.size) else None)
+        attempts, attempt = self.retries + 1, 0
+        while attempt < attempts:
             if self._closed:
                 raise SourceError(f"{self.url}: source is closed")
             try:
@@ -180,7 +187,10 @@ class ObjectStoreSource(Source):
                 if data.nbytes != end - start:
                     raise EOFError(f"short body: {data.nbytes} of {end - start} bytes")
                 self.stats.fetched_bytes += data.nbytes
-                return data
+                if await self._body_ok(check, data):
+                    return data
+                last = ValueError("the body does not match the object's ETag (MD5)")
+                attempts = max(attempts, attempt + 2) if len(check.seen) == 1 else attempts
             except SourceError:
                 raise
             except obstore.exceptions.PreconditionError:
@@ -195,15 +205,29 @@ class ObjectStoreSource(Source):
             except (obstore.exceptions.BaseError, OSError, EOFError,
                     RuntimeError, ValueError) as exc:  # fmt: skip
                 last = exc
-            if attempt < self.retries:
+            attempt += 1
+            if attempt < attempts:
                 self.stats.retries += 1
-                await asyncio.sleep(self.backoff * 2**attempt)
+                await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
         assert last is not None
         cause = _clean(last, self._store.secrets)
         self.stats.failures.append(cause)
         raise SourceError(
-            f"{self.url}: bytes {start}..{end}: failed after {self.retries + 1} attempts: {cause}"
+            f"{self.url}: bytes {start}..{end}: failed after {attempts} attempts: {cause}"
         ) from None
+
+    async def _body_ok(self, check: BodyCheck, data: memoryview) -> bool:
+        """Whether ``data`` passes ``check`` (its MD5 hashed off the loop)."""
+        if check.md5 is None:
+            return True
+        assert self.executor is not None
+        job = self.executor.submit(lambda: hashlib.md5(data).hexdigest())
+        verdict = check.verdict(await asyncio.wrap_future(job))
+        if verdict == "ok":
+            self.stats.etag_verified += 1
+        elif verdict == "unverifiable":
+            check.log_unverifiable(self.url)
+        return verdict != "retry"
 
     # -- the Source contract --------------------------------------------------
 

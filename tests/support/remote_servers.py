@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import threading
 from collections.abc import Iterator
@@ -30,6 +31,9 @@ class Faults:
     hold_after: int = 0  # ...once this many GETs have been answered
     gets: int = 0
     no_etag: bool = False  # answer without ETag (some HTTP servers do)
+    md5_etag: bool = False  # the ETag is the file's MD5, as S3's for a single-part upload
+    etag: str | None = None  # this ETag whatever the file (one that looks like an MD5...)
+    corrupt_next: int = 0  # flip byte [corrupt_next] of the body (damage in transit)
 
 
 @dataclass
@@ -86,6 +90,9 @@ class RangeServer:
             self.log.append(Served(request.method, rel, range_header, 404, 0))
             return web.Response(status=404)
         etag = f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
+        if self.faults.md5_etag:
+            etag = f'"{hashlib.md5(path.read_bytes()).hexdigest()}"'
+        etag = self.faults.etag or etag
         headers = {
             "ETag": etag,
             "Last-Modified": formatdate(st.st_mtime, usegmt=True),
@@ -125,6 +132,10 @@ class RangeServer:
             headers["Content-Length"] = str(st.st_size)
             return web.Response(status=200, headers=headers)
         data = _read_range(path, start, end)
+        if self.faults.corrupt_next > 0 and data:
+            at = self.faults.corrupt_next % len(data)  # another byte each time
+            self.faults.corrupt_next -= 1
+            data = data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
         resp = web.StreamResponse(status=status, headers=headers)
         resp.content_length = len(data)
         await resp.prepare(request)

@@ -41,7 +41,7 @@ _CREDENTIAL_ENV = {
 }  # fmt: skip
 _CREDENTIAL_KEYS = re.compile(
     r"(access_key|secret|token|session|sas|service_account|skip_signature|use_emulator|"
-    r"credential|bearer|client_id)",
+    r"credential|bearer|client_id|password|account_key|master_key|private_key|customer_key)",
     re.IGNORECASE,
 )
 #: Options that are ours, not the store's.

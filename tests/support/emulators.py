@@ -100,6 +100,12 @@ class FaultProxy:
         return [s for s in self.log if s.method == "GET"]
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return await self._forward(request)
+        except ConnectionResetError:  # the client went away (a timed-out read)
+            return web.Response(status=499)
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
         import asyncio
 
         faults = self.faults
@@ -130,12 +136,13 @@ class FaultProxy:
             body = await up.read()
             status = up.status
             out_headers = {k: v for k, v in up.headers.items() if k.lower() not in skip}
+            length = up.headers.get("Content-Length")
         if request.method == "GET" and faults.corrupt_next > 0 and body:
             at = faults.corrupt_next % len(body)
             faults.corrupt_next -= 1
             body = body[:at] + bytes([body[at] ^ 0xFF]) + body[at + 1 :]
         resp = web.StreamResponse(status=status, headers=out_headers)
-        resp.content_length = len(body)
+        resp.content_length = int(length) if request.method == "HEAD" and length else len(body)
         await resp.prepare(request)
         if request.method == "GET" and faults.drop_next > 0 and status < 300:
             faults.drop_next -= 1

@@ -19,6 +19,7 @@ import pytest
 import asyncpager as ap
 from asyncpager.sources._cache import BLOCK_BYTES, DiskCache, Lookup
 from tests.sources.test_disk_cache import CHUNK, ROOT, _model
+from tests.support.cached_reads import flip_byte, read_all_cached
 from tests.support.remote_servers import RangeServer
 
 Damage = Callable[[list[Path]], list[Path]]  # damages chunk files; returns the damaged
@@ -27,22 +28,13 @@ Damage = Callable[[list[Path]], list[Path]]  # damages chunk files; returns the 
 def _flip_in_place(chunks: list[Path]) -> list[Path]:
     """Same size, different bytes: one byte in the data of every chunk."""
     for path in chunks:
-        with open(path, "r+b") as f:
-            f.seek(17)
-            byte = f.read(1)
-            f.seek(17)
-            f.write(bytes([byte[0] ^ 0x5A]))
+        flip_byte(path, 17)
     return chunks
 
 
 def _flip_a_checksum(chunks: list[Path]) -> list[Path]:
-    path = chunks[1]
-    with open(path, "r+b") as f:
-        f.seek(CHUNK)  # the first block's checksum, right after the data
-        byte = f.read(1)
-        f.seek(CHUNK)
-        f.write(bytes([byte[0] ^ 0x01]))
-    return [path]
+    flip_byte(chunks[1], CHUNK, 0x01)  # the first block's checksum, right after the data
+    return [chunks[1]]
 
 
 def _truncate(chunks: list[Path]) -> list[Path]:
@@ -76,17 +68,7 @@ DAMAGES: dict[str, Damage] = {
 
 
 async def _read_all(url: str, cache: Path) -> tuple[dict[str, str], ap.RemoteStats]:
-    import hashlib
-
-    digests = {}
-    async with ap.open(
-        url, budget_bytes=1 << 30, cache_dir=cache, remote_options={"chunk_bytes": CHUNK}
-    ) as pager:
-        for name in pager.index.tensors:
-            async with pager.acquire(name) as lease:
-                digests[name] = hashlib.sha256(lease.array.tobytes()).hexdigest()
-        stats: ap.RemoteStats = pager.source.stats  # type: ignore[attr-defined]
-    return digests, stats
+    return await read_all_cached(url, cache, CHUNK)
 
 
 def _chunks(cache: Path) -> list[Path]:

@@ -7,7 +7,6 @@ fetched again from the store."""
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 
 import asyncpager as ap
 from asyncpager.sources._remote import ObjectStoreSource
+from tests.support.cached_reads import flip_byte, read_all_cached
 from tests.support.emulators import Store
 from tests.support.formatgen import write_safetensors_model
 
@@ -91,19 +91,7 @@ async def test_a_stalled_store_is_bounded_by_the_timeout(
 
 
 async def _read_all(store: Store, url: str, cache: Path) -> tuple[dict[str, str], ap.RemoteStats]:
-    digests = {}
-    async with ap.open(
-        url,
-        budget_bytes=1 << 30,
-        storage_options=store.faulty_options,
-        cache_dir=cache,
-        remote_options={"chunk_bytes": CHUNK},
-    ) as pager:
-        for name in pager.index.tensors:
-            async with pager.acquire(name) as lease:
-                digests[name] = hashlib.sha256(lease.array.tobytes()).hexdigest()
-        stats: ap.RemoteStats = pager.source.stats  # type: ignore[attr-defined]
-    return digests, stats
+    return await read_all_cached(url, cache, CHUNK, storage_options=store.faulty_options)
 
 
 async def test_the_disk_cache_serves_a_second_open_and_refuses_damage(
@@ -119,11 +107,7 @@ async def test_the_disk_cache_serves_a_second_open_and_refuses_damage(
     assert stats.fetched_bytes == 0
     assert [s.method for s in object_store.proxy.log] == ["HEAD"]  # the version, no GET
     chunks = sorted(cache.rglob("*.chunk"))
-    with open(chunks[1], "r+b") as f:  # same size, one byte changed
-        f.seek(5)
-        byte = f.read(1)
-        f.seek(5)
-        f.write(bytes([byte[0] ^ 1]))
+    flip_byte(chunks[1], 5)
     object_store.proxy.log.clear()
     third, stats = await _read_all(object_store, url, cache)
     assert third == first

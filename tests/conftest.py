@@ -130,14 +130,20 @@ def _fake_gcs() -> Iterator[Store]:
 STORES = ["s3", "gcs", "azure"]
 
 
+def session_store(request: pytest.FixtureRequest, kind: str) -> Store:
+    """The session's emulator of ``kind`` (started on first use), its proxy's faults
+    cleared; the caller clears them again after the test."""
+    found = request.getfixturevalue({"s3": "_moto", "gcs": "_fake_gcs", "azure": "_azurite"}[kind])
+    store: Store = found[1] if isinstance(found, tuple) else found
+    store.proxy.reset()
+    return store
+
+
 @pytest.fixture(params=STORES)
 def object_store(request: pytest.FixtureRequest) -> Iterator[Store]:
     """Each object store on loopback in turn, one process per store and session: moto's
     S3, fake-gcs-server, Azurite; with a fault proxy in front (``faulty_options``),
     its faults cleared after the test."""
-    fixture = {"s3": "_moto", "gcs": "_fake_gcs", "azure": "_azurite"}[request.param]
-    found = request.getfixturevalue(fixture)
-    store: Store = found[1] if isinstance(found, tuple) else found
-    store.proxy.reset()
+    store = session_store(request, request.param)
     yield store
     store.proxy.reset()

@@ -136,6 +136,9 @@ class DiskCache:
         self._lock_path = self.root / ".lock"
         self._remove_stale_temporaries()
 
+    def __repr__(self) -> str:
+        return f"DiskCache({str(self.root)!r}, max_bytes={self.max_bytes})"
+
     def _remove_stale_temporaries(self, age: float = _STALE_TMP_SECONDS) -> None:
         """Temporary files a killed writer left (never renamed, so never served)."""
         cutoff = time.time() - age

@@ -71,6 +71,9 @@ class ObjectReader(ByteReader):
                 name, self.pin.key, self.size, cache.chunk_bytes
             )
 
+    def __repr__(self) -> str:
+        return f"ObjectReader({str(self.url)!r}, size={self.size})"
+
     def _first_get(self, ob: Any) -> tuple[Any, bytes]:
         result = ob.get(self._store.store, self._key, options={"range": (0, self.window)})
         data = bytes(result.bytes())
@@ -135,6 +138,8 @@ class ObjectReader(ByteReader):
             try:
                 result = ob.get(self._store.store, self._key, options=options)
             except ob.exceptions.PreconditionError:
+                result = None  # raised below: no store error (its URL) as the context
+            if result is None:
                 self.pin.changed(self.url, rng, "a precondition failed")
             self.pin.check(self.url, result.meta, rng)
             data: bytes = bytes(result.bytes())
@@ -261,6 +266,9 @@ class ObjectLocation(Location):
         self.name = self.url = ObjectURL(store.root + key)
         self.opened = opened  # key -> the reader that fixed its size and ETag
         self.cache = cache
+
+    def __repr__(self) -> str:
+        return f"ObjectLocation({str(self.url)!r})"
 
     def open_reader(self) -> ByteReader:
         reader = self.opened.get(self.key)

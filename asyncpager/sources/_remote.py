@@ -171,7 +171,7 @@ class ObjectStoreSource(Source):
         # A body that is the whole object is checked against an MD5 ETag; one more
         # GET than the retries tells damage in transit from an ETag that is no MD5.
         check = BodyCheck(self._pin.md5 if (start, end) == (0, self.size) else None)
-        attempts, attempt = self.retries + 1, 0
+        attempts, attempt, changed = self.retries + 1, 0, False
         while attempt < attempts:
             if self._closed:
                 raise SourceError(f"{self.url}: source is closed")
@@ -194,7 +194,7 @@ class ObjectStoreSource(Source):
             except SourceError:
                 raise
             except obstore.exceptions.PreconditionError:
-                self._pin.changed(self.url, (start, end), "a precondition failed")
+                changed = True  # raised below: no store error (its URL) as the context
             except (FileNotFoundError, obstore.exceptions.PermissionDeniedError,
                     obstore.exceptions.UnauthenticatedError) as exc:  # fmt: skip
                 raise SourceError(
@@ -205,6 +205,8 @@ class ObjectStoreSource(Source):
             except (obstore.exceptions.BaseError, OSError, EOFError,
                     RuntimeError, ValueError) as exc:  # fmt: skip
                 last = exc
+            if changed:
+                self._pin.changed(self.url, (start, end), "a precondition failed")
             attempt += 1
             if attempt < attempts:
                 self.stats.retries += 1

@@ -43,7 +43,7 @@ test: lint typecheck pytest
 demo: install
 	$(BIN)/python -m asyncpager demo
 
-bench: dev
+bench: dev node-deps
 	$(BIN)/python scripts/bench_hit_path.py
 	$(BIN)/python scripts/bench_open.py
 	$(BIN)/python scripts/bench_read.py
@@ -51,6 +51,7 @@ bench: dev
 	$(BIN)/python scripts/bench_import.py
 	$(BIN)/python scripts/bench_torch.py
 	$(BIN)/python scripts/bench_remote.py
+	$(BIN)/python scripts/bench_emulators.py
 
 # Long runs, not part of `make test`.
 soak: dev

@@ -15,9 +15,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _benchutil import median, table  # noqa: E402
+from _benchutil import median, table
 
-from tests.support.emulators import azurite_store, fake_gcs_store, moto_store  # noqa: E402
+from tests.support.emulators import azurite_store, fake_gcs_store, moto_store
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 SEEDS  ?= 200
 
-.PHONY: install dev test lint typecheck pytest demo bench soak fuzz clean
+.PHONY: install dev node-deps test lint typecheck pytest demo bench soak fuzz clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,14 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(PIP) install --quiet -e '.[dev]'
 	touch $@ $(VENV)/.installed
 
+# Azurite (the Azure Blob emulator the object-store tests start) from the npm registry,
+# beside the virtualenv, where tests/support/emulators.py looks for it.
+$(VENV)/node/node_modules/.bin/azurite-blob: | $(BIN)/python
+	npm install --prefix $(VENV)/node --no-audit --no-fund --silent azurite@3
+
 install: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
+node-deps: $(VENV)/node/node_modules/.bin/azurite-blob
 
 lint: dev
 	$(BIN)/ruff check asyncpager tests scripts
@@ -29,7 +35,7 @@ lint: dev
 typecheck: dev
 	$(BIN)/mypy
 
-pytest: dev
+pytest: dev node-deps
 	$(BIN)/python -m pytest -W error
 
 test: lint typecheck pytest
@@ -37,7 +43,7 @@ test: lint typecheck pytest
 demo: install
 	$(BIN)/python -m asyncpager demo
 
-bench: dev
+bench: dev node-deps
 	$(BIN)/python scripts/bench_hit_path.py
 	$(BIN)/python scripts/bench_open.py
 	$(BIN)/python scripts/bench_read.py
@@ -45,6 +51,7 @@ bench: dev
 	$(BIN)/python scripts/bench_import.py
 	$(BIN)/python scripts/bench_torch.py
 	$(BIN)/python scripts/bench_remote.py
+	$(BIN)/python scripts/bench_emulators.py
 
 # Long runs, not part of `make test`.
 soak: dev

@@ -213,9 +213,10 @@ def _open_remote(url: str, remote: _RemoteOptions, io_workers: int) -> tuple[Sou
     pinned to the version its header was read at (blocking: network requests)."""
     from .sources._object import remote_location
     from .sources._remote import DEFAULT_REMOTE_CHUNK_BYTES, open_remote_sources
+    from .sources._store import display_url
 
     options = dict(remote.source_options or {})
-    with _as_source_error(url):
+    with _as_source_error(display_url(url)):  # never the URL's user info or query
         location = remote_location(
             url,
             remote.storage_options,

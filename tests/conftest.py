@@ -17,6 +17,7 @@ from tests.support.fakes import assert_invariants
 from tests.support.pagers import PagerFactory, PagerWatch
 
 if TYPE_CHECKING:  # the servers import aiohttp and moto: only the tests that use them load them
+    from tests.support.emulators import Store
     from tests.support.remote_servers import MotoS3, RangeServer
 
 
@@ -97,9 +98,52 @@ def range_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RangeServ
 
 
 @pytest.fixture(scope="session")
-def moto_s3() -> Iterator[MotoS3]:
-    """moto's standalone S3 server on a free loopback port, one bucket; session-wide."""
-    from tests.support.remote_servers import moto_s3_server
+def _moto() -> Iterator[tuple[MotoS3, Store]]:
+    from tests.support.emulators import moto_store
 
-    with moto_s3_server() as s3:
-        yield s3
+    with moto_store() as both:
+        yield both
+
+
+@pytest.fixture(scope="session")
+def moto_s3(_moto: tuple[MotoS3, Store]) -> MotoS3:
+    """moto's standalone S3 server on a free loopback port, one bucket; session-wide."""
+    return _moto[0]
+
+
+@pytest.fixture(scope="session")
+def _azurite() -> Iterator[Store]:
+    from tests.support.emulators import azurite_store
+
+    with azurite_store() as store:
+        yield store
+
+
+@pytest.fixture(scope="session")
+def _fake_gcs() -> Iterator[Store]:
+    from tests.support.emulators import fake_gcs_store
+
+    with fake_gcs_store() as store:
+        yield store
+
+
+STORES = ["s3", "gcs", "azure"]
+
+
+def session_store(request: pytest.FixtureRequest, kind: str) -> Store:
+    """The session's emulator of ``kind`` (started on first use), its proxy's faults
+    cleared; the caller clears them again after the test."""
+    found = request.getfixturevalue({"s3": "_moto", "gcs": "_fake_gcs", "azure": "_azurite"}[kind])
+    store: Store = found[1] if isinstance(found, tuple) else found
+    store.proxy.reset()
+    return store
+
+
+@pytest.fixture(params=STORES)
+def object_store(request: pytest.FixtureRequest) -> Iterator[Store]:
+    """Each object store on loopback in turn, one process per store and session: moto's
+    S3, fake-gcs-server, Azurite; with a fault proxy in front (``faulty_options``),
+    its faults cleared after the test."""
+    store = session_store(request, request.param)
+    yield store
+    store.proxy.reset()

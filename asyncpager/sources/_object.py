@@ -1,24 +1,36 @@
 """One object in a store: its pinned version, ranged reads of its header
 (:class:`ObjectReader`) and its siblings (:class:`ObjectLocation`).
 
-Invariant: a reader's object version is fixed when it is opened (the ETag, else
-Last-Modified + size); every GET carries it as a precondition, so a replaced
-object is refused (``SourceError``), never mixed with bytes of the old one."""
+Invariants:
+
+- A reader's object version is fixed when it is opened (the ETag, else
+  Last-Modified + size); every GET carries it as a precondition, so a replaced
+  object is refused (``SourceError``), never mixed with bytes of the old one.
+- A body that is the whole object is checked against an ETag that states an MD5
+  (32 hex digits: S3's ETag of a single-part upload): a mismatch is fetched again
+  (:class:`BodyCheck` decides), so bytes damaged in transit are never returned.
+  Ranged bodies cannot be checked: no store gives a checksum of an arbitrary range."""
 
 from __future__ import annotations
 
 import errno
+import functools
+import hashlib
+import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from .._errors import SourceError
-from ._cache import DiskCache
+from ._cache import DiskCache, Lookup
 from ._readers import INDEX_FILE_NAME, ByteReader, Location, ObjectURL
 from ._store import DEFAULT_REMOTE_CHUNK_BYTES, _clean, _import_obstore, _make_store, _Store
 
-__all__ = ["ObjectLocation", "ObjectReader", "remote_location"]
+__all__ = ["BodyCheck", "ObjectLocation", "ObjectReader", "remote_location"]
+_log = logging.getLogger("asyncpager")
+_MD5_ETAG = re.compile(r'"?([0-9a-fA-F]{32})"?')
 _HEADER_WINDOW = 512 << 10
 _HEADER_WINDOW_MAX = 4 << 20
 
@@ -59,9 +71,34 @@ class ObjectReader(ByteReader):
                 name, self.pin.key, self.size, cache.chunk_bytes
             )
 
+    def __repr__(self) -> str:
+        return f"ObjectReader({str(self.url)!r}, size={self.size})"
+
     def _first_get(self, ob: Any) -> tuple[Any, bytes]:
         result = ob.get(self._store.store, self._key, options={"range": (0, self.window)})
-        return result.meta, bytes(result.bytes())
+        data = bytes(result.bytes())
+        size = int(result.meta["size"])
+        if len(data) == size:  # the whole object: checked against its ETag
+            pin = _Pin(result.meta.get("e_tag"), result.meta.get("last_modified"), size)
+
+            def again() -> bytes:
+                options = pin.options((0, size))
+                return bytes(ob.get(self._store.store, self._key, options=options).bytes())
+
+            data = self._checked(BodyCheck(pin.md5), data, again)
+        return result.meta, data
+
+    def _checked(self, check: BodyCheck, data: bytes, again: Any) -> bytes:
+        """``data`` (the whole object), or a second fetch of it when it fails its
+        ETag's MD5; the same failing bytes twice are accepted (the ETag is no MD5)."""
+        for _ in range(2):
+            verdict = check.verdict(hashlib.md5(data).hexdigest())
+            if verdict != "retry":
+                if verdict == "unverifiable":
+                    check.log_unverifiable(self.url)
+                return data
+            data = again()
+        raise SourceError(f"{self.url}: the object's bytes do not match its ETag (MD5), twice")
 
     def _read(self, offset: int, length: int) -> bytes:
         if self._cache is None:
@@ -80,8 +117,11 @@ class ObjectReader(ByteReader):
         length = min(c, self.size - k * c)
         path = self._chunk_dir / f"{k:08d}.chunk"
         buf = bytearray(length)
-        if self._cache.disk.read(path, length, 0, [memoryview(buf)]):
+        found = self._cache.disk.read(path, length, 0, [memoryview(buf)])
+        if found is Lookup.HIT:
             return bytes(buf)
+        if found is not Lookup.ABSENT:
+            self._cache.disk.refused(path, found, self.url)
         data = self._fetch(k * c, length)
         if len(data) == length:
             self._cache.disk.write(path, memoryview(data))
@@ -98,12 +138,17 @@ class ObjectReader(ByteReader):
             try:
                 result = ob.get(self._store.store, self._key, options=options)
             except ob.exceptions.PreconditionError:
+                result = None  # raised below: no store error (its URL) as the context
+            if result is None:
                 self.pin.changed(self.url, rng, "a precondition failed")
             self.pin.check(self.url, result.meta, rng)
             data: bytes = bytes(result.bytes())
             return data
 
         data: bytes = _sync_call(self._store, self.url, rng, get)
+        if rng == (0, self.size) and self.pin.md5 is not None:
+            again = functools.partial(_sync_call, self._store, self.url, rng, get)
+            data = self._checked(BodyCheck(self.pin.md5), data, again)
         if self._cache is None:
             self.window = min(self.window * 2, _HEADER_WINDOW_MAX)  # fewer round trips
         return data
@@ -118,6 +163,13 @@ class _Pin:
     etag: str | None
     last_modified: Any
     size: int
+
+    @property
+    def md5(self) -> str | None:
+        """The MD5 the ETag states (S3's ETag of a single-part upload), else None
+        (multipart ``...-N``, weak, Azure's ``0x...``, GCS's, an HTTP server's)."""
+        match = _MD5_ETAG.fullmatch(self.etag or "")
+        return match.group(1).lower() if match else None
 
     @property
     def key(self) -> str:
@@ -149,6 +201,34 @@ class _Pin:
             f"{name}: bytes {rng[0]}..{rng[1]}: the object changed since it was opened "
             f"({why}); reopen the model to read the new version"
         )
+
+
+class BodyCheck:
+    """Whole-object bodies against the MD5 an ETag states (state only, no I/O).
+    :meth:`verdict` of a body's MD5: ``"ok"``; ``"retry"`` (it differs: damaged in
+    transit, or the ETag is no MD5 -- fetch it again); ``"unverifiable"`` (the same
+    differing bytes twice: the ETag is not their MD5, as with SSE-KMS or SSE-C
+    encryption: accepted unchecked); ``"unchecked"`` (no MD5 to check against)."""
+
+    __slots__ = ("md5", "seen")
+
+    def __init__(self, md5: str | None) -> None:
+        self.md5 = md5
+        self.seen: set[str] = set()
+
+    def verdict(self, digest: str) -> str:
+        if self.md5 is None:
+            return "unchecked"
+        if digest == self.md5:
+            return "ok"
+        if digest in self.seen:
+            return "unverifiable"
+        self.seen.add(digest)
+        return "retry"
+
+    @staticmethod
+    def log_unverifiable(name: ObjectURL) -> None:
+        _log.info("%s: its ETag is not the MD5 of its bytes (encrypted?): not checked", name)
 
 
 def _sync_call(store: _Store, name: ObjectURL, rng: tuple[int, int] | None, call: Any) -> Any:
@@ -186,6 +266,9 @@ class ObjectLocation(Location):
         self.name = self.url = ObjectURL(store.root + key)
         self.opened = opened  # key -> the reader that fixed its size and ETag
         self.cache = cache
+
+    def __repr__(self) -> str:
+        return f"ObjectLocation({str(self.url)!r})"
 
     def open_reader(self) -> ByteReader:
         reader = self.opened.get(self.key)

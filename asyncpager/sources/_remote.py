@@ -26,12 +26,14 @@ Invariants:
 - Credentials come from ``storage_options`` or the environment; they are never part
   of a repr, an error message or a log line (only the URL without user info or
   query string is).
-- The disk cache never serves a chunk that is not whole: a chunk is written to a
-  temporary file then renamed (atomic), and a chunk file of the wrong size is
-  ignored; renames and evictions run under an exclusive ``flock`` on the cache
-  directory, so processes sharing it never corrupt it, and its size stays within
-  ``cache_bytes``. A failed write (a full disk) logs one warning and the read is
-  served from the store.
+- The disk cache never serves bytes other than those fetched: each chunk file
+  carries a checksum per 64 KiB block, checked on every read; a chunk that fails
+  (damaged in place, truncated, swapped, or of the older format without
+  checksums) is fetched again from the store, and said so once in the log. A
+  chunk is written to a temporary file then renamed (atomic); renames and
+  evictions run under an exclusive ``flock`` on the cache directory, so processes
+  sharing it never corrupt it, and its size stays within ``cache_bytes``. A failed
+  write (a full disk) logs one warning and the read is served from the store.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import heapq
 import os
 import secrets
@@ -48,9 +51,9 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import SourceError
-from ._cache import DiskCache
+from ._cache import DiskCache, Lookup
 from ._executor import PriorityThreadPool, io_priority
-from ._object import ObjectLocation, ObjectReader, remote_location
+from ._object import BodyCheck, ObjectLocation, ObjectReader, remote_location
 from ._readers import ObjectURL
 from ._source import Source, _run_all, split_chunks
 from ._store import (
@@ -75,6 +78,7 @@ __all__ = [
 #: same 8 x 8 MiB against S3): large enough that per-request overhead is small,
 #: enough in flight to hide one request's latency.
 _MIN_PIECE = 4 << 20
+_REFUSED = (Lookup.DAMAGED, Lookup.UNCHECKED)
 
 
 # -- the source -------------------------------------------------------------
@@ -89,6 +93,10 @@ class RemoteStats:
     retries: int = 0
     cache_hit_bytes: int = 0
     cache_miss_bytes: int = 0
+    #: Cached chunks refused (damaged, or without checksums) and fetched again.
+    cache_refused: int = 0
+    #: Whole-object bodies that matched the MD5 their ETag states.
+    etag_verified: int = 0
     failures: list[str] = field(default_factory=list)
 
 
@@ -160,7 +168,11 @@ class ObjectStoreSource(Source):
         obstore = _import_obstore()
         options = self._pin.options((start, end))
         last: BaseException | None = None
-        for attempt in range(self.retries + 1):
+        # A body that is the whole object is checked against an MD5 ETag; one more
+        # GET than the retries tells damage in transit from an ETag that is no MD5.
+        check = BodyCheck(self._pin.md5 if (start, end) == (0, self.size) else None)
+        attempts, attempt, changed = self.retries + 1, 0, False
+        while attempt < attempts:
             if self._closed:
                 raise SourceError(f"{self.url}: source is closed")
             try:
@@ -175,11 +187,14 @@ class ObjectStoreSource(Source):
                 if data.nbytes != end - start:
                     raise EOFError(f"short body: {data.nbytes} of {end - start} bytes")
                 self.stats.fetched_bytes += data.nbytes
-                return data
+                if await self._body_ok(check, data):
+                    return data
+                last = ValueError("the body does not match the object's ETag (MD5)")
+                attempts = max(attempts, attempt + 2) if len(check.seen) == 1 else attempts
             except SourceError:
                 raise
             except obstore.exceptions.PreconditionError:
-                self._pin.changed(self.url, (start, end), "a precondition failed")
+                changed = True  # raised below: no store error (its URL) as the context
             except (FileNotFoundError, obstore.exceptions.PermissionDeniedError,
                     obstore.exceptions.UnauthenticatedError) as exc:  # fmt: skip
                 raise SourceError(
@@ -190,15 +205,31 @@ class ObjectStoreSource(Source):
             except (obstore.exceptions.BaseError, OSError, EOFError,
                     RuntimeError, ValueError) as exc:  # fmt: skip
                 last = exc
-            if attempt < self.retries:
+            if changed:
+                self._pin.changed(self.url, (start, end), "a precondition failed")
+            attempt += 1
+            if attempt < attempts:
                 self.stats.retries += 1
-                await asyncio.sleep(self.backoff * 2**attempt)
+                await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
         assert last is not None
         cause = _clean(last, self._store.secrets)
         self.stats.failures.append(cause)
         raise SourceError(
-            f"{self.url}: bytes {start}..{end}: failed after {self.retries + 1} attempts: {cause}"
+            f"{self.url}: bytes {start}..{end}: failed after {attempts} attempts: {cause}"
         ) from None
+
+    async def _body_ok(self, check: BodyCheck, data: memoryview) -> bool:
+        """Whether ``data`` passes ``check`` (its MD5 hashed off the loop)."""
+        if check.md5 is None:
+            return True
+        assert self.executor is not None
+        job = self.executor.submit(lambda: hashlib.md5(data).hexdigest())
+        verdict = check.verdict(await asyncio.wrap_future(job))
+        if verdict == "ok":
+            self.stats.etag_verified += 1
+        elif verdict == "unverifiable":
+            check.log_unverifiable(self.url)
+        return verdict != "retry"
 
     # -- the Source contract --------------------------------------------------
 
@@ -249,17 +280,22 @@ class ObjectStoreSource(Source):
         executor = self.executor
         assert executor is not None
         pending = self._chunk_fetches.get(k)
+        refused = None
         if pending is None:
             # A large hit is split so every I/O worker copies a share, as FileSource does.
             share = max(_MIN_PIECE, -(-need // self._io_workers))
             jobs = split_chunks(local, views, share)
             read = functools.partial(self.cache.read, path, length)
-            hits = await _run_all(executor, [functools.partial(read, o, v) for o, v in jobs])
-            if all(hits):
+            found = await _run_all(executor, [functools.partial(read, o, v) for o, v in jobs])
+            if all(f is Lookup.HIT for f in found):
                 self.stats.cache_hit_bytes += need
                 return
+            refused = next((f for f in found if f in _REFUSED), None)
             pending = self._chunk_fetches.get(k)
         if pending is None:
+            if refused is not None:
+                self.stats.cache_refused += 1
+                self.cache.refused(path, refused, self.url)
             pending = asyncio.get_running_loop().create_future()
             self._chunk_fetches[k] = pending
             try:

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 from .._errors import SourceError
 from ._readers import ObjectURL
@@ -41,7 +41,7 @@ _CREDENTIAL_ENV = {
 }  # fmt: skip
 _CREDENTIAL_KEYS = re.compile(
     r"(access_key|secret|token|session|sas|service_account|skip_signature|use_emulator|"
-    r"credential|bearer|client_id)",
+    r"credential|bearer|client_id|password|account_key|master_key|private_key|customer_key)",
     re.IGNORECASE,
 )
 #: Options that are ours, not the store's.
@@ -57,9 +57,17 @@ def display_url(url: str) -> ObjectURL:
     return ObjectURL(urlunsplit((parts.scheme, host, parts.path, "", "")))
 
 
+#: User info and query strings of URLs inside a store's error message.
+_URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
+_URL_QUERY = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#]*)[?#][^\s]*")
+
+
 def _clean(exc: BaseException, secrets_: Sequence[str]) -> str:
+    """One line of ``exc`` for a message: URLs in it without user info or query,
+    then every known secret (in any encoding the URL had) replaced by ``***``."""
     text = f"{type(exc).__name__}: {exc}".strip()
-    for s in secrets_:
+    text = _URL_QUERY.sub(r"\1", _URL_USERINFO.sub(r"\1", text))
+    for s in sorted(secrets_, key=len, reverse=True):
         if s:
             text = text.replace(s, "***")
     text = text.splitlines()[0] if text else text
@@ -100,7 +108,11 @@ def _make_store(url: str, storage_options: Mapping[str, Any] | None) -> tuple[_S
     client: Any = dict(options.pop("client_options", None) or {})
     allow_imds = bool(options.pop("allow_instance_metadata", False))
     secrets_ = tuple(str(v) for k, v in options.items() if _CREDENTIAL_KEYS.search(k) and v)
-    secrets_ += tuple(s for s in (parts.password, parts.query) if s)
+    in_url = [parts.username, parts.password, parts.query]
+    in_url += [v for vs in parse_qs(parts.query).values() for v in vs]
+    secrets_ += tuple({form for s in in_url if s for form in (s, unquote(s))})
+    # The bucket or container: the host, never the user info before it.
+    bucket = parts.netloc.rpartition("@")[2]
     # A plain-http endpoint (a local S3-compatible server, an emulator), given in the
     # options under any of the store's spellings or in the environment, is allowed.
     endpoints = [str(v) for k, v in options.items() if "endpoint" in k.lower()]
@@ -124,11 +136,11 @@ def _make_store(url: str, storage_options: Mapping[str, Any] | None) -> tuple[_S
     store: Any
     try:
         if scheme == "s3":
-            store = S3Store(parts.netloc, client_options=client, retry_config=retry, **options)
+            store = S3Store(bucket, client_options=client, retry_config=retry, **options)
         elif scheme == "gs":
-            store = GCSStore(parts.netloc, client_options=client, retry_config=retry, **options)
+            store = GCSStore(bucket, client_options=client, retry_config=retry, **options)
         elif scheme == "az":
-            store = AzureStore(parts.netloc, client_options=client, retry_config=retry, **options)
+            store = AzureStore(bucket, client_options=client, retry_config=retry, **options)
         else:
             base = urlunsplit((parts.scheme, parts.netloc, "", "", ""))  # no query: see README
             store = HTTPStore.from_url(base, client_options=client, retry_config=retry)

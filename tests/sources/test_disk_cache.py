@@ -163,7 +163,7 @@ async def test_full_disk_degrades_to_the_store(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    def no_space(self: DiskCache, tmp: Path, data: memoryview) -> None:
+    def no_space(self: DiskCache, tmp: Path, data: memoryview, trailer: bytes) -> None:
         tmp.write_bytes(bytes(data[:10]))  # part written, then the disk is full
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
 

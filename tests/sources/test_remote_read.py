@@ -1,6 +1,7 @@
 """ap.open(URL): every tensor's bytes equal the local file's, read from real servers
-on loopback (moto's S3 server, an HTTP server honouring Range) under a budget smaller
-than the model with prefetch; opening reads the header only."""
+on loopback (moto's S3 server, fake-gcs-server, Azurite, an HTTP server honouring
+Range) under a budget smaller than the model with prefetch; opening reads the header
+only."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 import asyncpager as ap
 from asyncpager.formats import read_index
+from tests.support.emulators import Store
 from tests.support.fakes import assert_invariants
 from tests.support.formatgen import (
     gemma_gguf_path,
@@ -61,16 +63,17 @@ def _models(tmp: Path) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("kind", ["gguf", "safetensors", "sharded"])
-async def test_s3_every_tensor(moto_s3: MotoS3, tmp_path: Path, kind: str) -> None:
+async def test_store_every_tensor(object_store: Store, tmp_path: Path, kind: str) -> None:
     local = _models(tmp_path)[kind]
     prefix = f"{tmp_path.name}/{kind}"
     if local.is_dir():
         for f in sorted(local.iterdir()):
-            moto_s3.upload(f, f"{prefix}/{f.name}")
-        url = f"s3://{moto_s3.bucket}/{prefix}/"
+            object_store.upload(f, f"{prefix}/{f.name}")
+        url = f"{object_store.prefix}{prefix}/"
     else:
-        url = moto_s3.upload(local, f"{prefix}/{local.name}")
-    pager = await assert_every_tensor_matches(url, local, storage_options=moto_s3.storage_options)
+        url = object_store.upload(local, f"{prefix}/{local.name}")
+    options = object_store.storage_options
+    pager = await assert_every_tensor_matches(url, local, storage_options=options)
     assert str(pager.index.path) == url
 
 

@@ -1,6 +1,6 @@
 """A separate process reading a remote model through the disk cache (for the cache
 tests): ``python -m tests.support.remote_child URL CACHE_DIR CHUNK_BYTES``; prints one JSON
-line: the sha256 of every tensor and the source's fetch counters."""
+line: the sha256 of every tensor and the source's fetch and cache counters."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ async def main(url: str, cache_dir: str, chunk_bytes: int) -> None:
                 print("read", name, flush=True)
         stats = pager.source.stats  # type: ignore[attr-defined]
     print(json.dumps({"digests": digests, "fetched": stats.fetched_bytes,
-                      "hits": stats.cache_hit_bytes}), flush=True)  # fmt: skip
+                      "hits": stats.cache_hit_bytes, "refused": stats.cache_refused}),
+          flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import threading
 from collections.abc import Iterator
@@ -23,13 +24,17 @@ __all__ = ["MotoS3", "RangeServer", "moto_s3_server"]
 class Faults:
     """Faults the next requests get (each counter is consumed per GET)."""
 
-    fail_next: int = 0  # answer 500
+    fail_next: int = 0  # answer fail_status...
+    fail_status: int = 500  # ...(403: refused credentials, 412: a changed version)
     drop_next: int = 0  # send half the body, then close the connection
     delay: float = 0.0  # seconds before answering every GET
     hold: threading.Event | None = None  # GETs wait until it is set...
     hold_after: int = 0  # ...once this many GETs have been answered
     gets: int = 0
     no_etag: bool = False  # answer without ETag (some HTTP servers do)
+    md5_etag: bool = False  # the ETag is the file's MD5, as S3's for a single-part upload
+    etag: str | None = None  # this ETag whatever the file (one that looks like an MD5...)
+    corrupt_next: int = 0  # flip byte [corrupt_next] of the body (damage in transit)
 
 
 @dataclass
@@ -50,9 +55,7 @@ class RangeServer:
     faults: Faults = field(default_factory=Faults)
     log: list[Served] = field(default_factory=list)
     port: int = 0
-    _loop: asyncio.AbstractEventLoop | None = None
-    _thread: threading.Thread | None = None
-    _runner: web.AppRunner | None = None
+    _app: AppThread = field(init=False)
 
     @property
     def url(self) -> str:
@@ -86,6 +89,9 @@ class RangeServer:
             self.log.append(Served(request.method, rel, range_header, 404, 0))
             return web.Response(status=404)
         etag = f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
+        if self.faults.md5_etag:
+            etag = f'"{hashlib.md5(path.read_bytes()).hexdigest()}"'
+        etag = self.faults.etag or etag
         headers = {
             "ETag": etag,
             "Last-Modified": formatdate(st.st_mtime, usegmt=True),
@@ -106,8 +112,8 @@ class RangeServer:
                 await asyncio.sleep(faults.delay)
             if faults.fail_next > 0:
                 faults.fail_next -= 1
-                self.log.append(Served("GET", rel, range_header, 500, 0))
-                return web.Response(status=500, text="injected failure")
+                self.log.append(Served("GET", rel, range_header, faults.fail_status, 0))
+                return web.Response(status=faults.fail_status, text="injected failure")
         if_match = request.headers.get("If-Match")
         if if_match is not None and if_match != etag and if_match != "*":
             self.log.append(Served(request.method, rel, range_header, 412, 0))
@@ -125,6 +131,10 @@ class RangeServer:
             headers["Content-Length"] = str(st.st_size)
             return web.Response(status=200, headers=headers)
         data = _read_range(path, start, end)
+        if self.faults.corrupt_next > 0 and data:
+            at = self.faults.corrupt_next % len(data)  # another byte each time
+            self.faults.corrupt_next -= 1
+            data = data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
         resp = web.StreamResponse(status=status, headers=headers)
         resp.content_length = len(data)
         await resp.prepare(request)
@@ -141,11 +151,35 @@ class RangeServer:
         return resp
 
     def start(self) -> RangeServer:
+        self._app = AppThread(self._handle, "test:range-server").start()
+        self.port = self._app.port
+        return self
+
+    def stop(self) -> None:
+        if self.faults.hold is not None:
+            self.faults.hold.set()
+        self._app.stop()
+
+
+class AppThread:
+    """An aiohttp app routing every request to ``handler``, on a free port of
+    127.0.0.1, served by an event loop on a thread of its own."""
+
+    def __init__(self, handler: Any, name: str) -> None:
+        self.handler = handler
+        self.name = name
+        self.port = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self.on_cleanup: list[Any] = []  # coroutines functions run on the loop at stop
+
+    def start(self) -> AppThread:
         ready = threading.Event()
 
         async def serve() -> None:
             app = web.Application()
-            app.router.add_route("*", "/{tail:.*}", self._handle)
+            app.router.add_route("*", "/{tail:.*}", self.handler)
             self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await self._runner.setup()
             site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -157,23 +191,23 @@ class RangeServer:
 
         def run() -> None:
             loop = asyncio.new_event_loop()
-            self._loop = loop
+            self.loop = loop
             loop.run_until_complete(serve())
             loop.run_forever()
             assert self._runner is not None
             loop.run_until_complete(self._runner.cleanup())
+            for cleanup in self.on_cleanup:
+                loop.run_until_complete(cleanup())
             loop.close()
 
-        self._thread = threading.Thread(target=run, name="test:range-server", daemon=True)
+        self._thread = threading.Thread(target=run, name=self.name, daemon=True)
         self._thread.start()
         ready.wait(10)
         return self
 
     def stop(self) -> None:
-        if self.faults.hold is not None:
-            self.faults.hold.set()
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
         if self._thread is not None:
             self._thread.join(10)
 

@@ -129,7 +129,8 @@ class RequestScope:
                 waits: what the call was granted is released at once).
             Otherwise as :meth:`Pager.acquire`.
         """
-        return AcquireContext(self._track(lambda see: self._pager._acquire_one(name, timeout, see)))
+        shell = self._pager._shell
+        return AcquireContext(self._track(lambda see: shell._acquire_one(name, timeout, see)))
 
     def acquire_many(
         self, names: Iterable[str], timeout: float | None = None
@@ -141,7 +142,7 @@ class RequestScope:
         """
         unique = list(dict.fromkeys(names))
         return AcquireContext(
-            self._track(lambda see: self._pager._acquire_group(unique, timeout, see))
+            self._track(lambda see: self._pager._shell._acquire_group(unique, timeout, see))
         )
 
     def acquire_layer(self, layer: int, timeout: float | None = None) -> AcquireContext[LeaseGroup]:
@@ -152,9 +153,9 @@ class RequestScope:
             RuntimeError: the scope has exited.
             KeyError: the model has no such layer. Otherwise as :meth:`Pager.acquire_many`.
         """
-        pager = self._pager
+        shell = self._pager._shell
         return AcquireContext(
-            self._track(lambda see: pager._acquire_group(pager._layer_names(layer), timeout, see))
+            self._track(lambda see: shell._acquire_group(shell._layer_names(layer), timeout, see))
         )
 
     async def _track(

@@ -76,7 +76,7 @@ async def test_the_sample_buffer_stays_bounded(make_pager: PagerFactory) -> None
     n = _HIT_SAMPLE * _HIT_FOLD + 3
     for _ in range(n):
         (await p.acquire("t0")).release()
-    assert len(p._timings.hit_samples) < _HIT_FOLD
+    assert len(p._shell.timings.hit_samples) < _HIT_FOLD
     assert p.stats().acquire_hit.count == n
 
 

@@ -42,18 +42,35 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .._errors import BudgetExceeded, PagerClosed
 from .._tensor import TensorInfo
-from ._gather_plan import MAX_GAP
+from ._effects import (
+    NO_EFFECTS,
+    DemandJoined,
+    Effect,
+    Evict,
+    FlightEnded,
+    FreeBlock,
+    Grant,
+    Refuse,
+    StartLoad,
+)
 from ._ledger_check import check_ledger
 from ._policy import EvictionPolicy, SchedulePolicy, make_policy, plan_evictions
-from ._pool import block_capacity
-from ._records import Entry, Flight, FlightState, LoadGroup, RowsEntry, Ticket, TicketState
+from ._records import (
+    Entry,
+    Flight,
+    FlightState,
+    RowsEntry,
+    Ticket,
+    TicketState,
+    entry_table,
+    group_loads,
+)
 from ._schedule import Schedule
 
 __all__ = [
@@ -69,64 +86,6 @@ __all__ = [
 ]
 
 Block = np.ndarray[Any, Any]
-
-# ---------------------------------------------------------------------------- effects
-
-
-@dataclass(frozen=True, slots=True)
-class Grant:
-    """Wake the waiter of ``ticket``: it was granted from the queue."""
-
-    ticket: Ticket
-
-
-@dataclass(frozen=True, slots=True)
-class Refuse:
-    """Fail the waiter of queued ``ticket`` with ``error``."""
-
-    ticket: Ticket
-    error: BaseException
-
-
-@dataclass(frozen=True, slots=True)
-class StartLoad:
-    """Read ``group``'s flights into blocks (recycled from the pool where one fits)."""
-
-    group: LoadGroup
-
-
-@dataclass(frozen=True, slots=True)
-class Evict:
-    """``entry`` was evicted: its ``block`` (if any) goes back to the pool."""
-
-    entry: Entry
-    block: Block | None
-
-
-@dataclass(frozen=True, slots=True)
-class FreeBlock:
-    """Give ``block`` back to the pool (``poison``: it was handed out to leases)."""
-
-    block: Block
-    poison: bool
-
-
-@dataclass(frozen=True, slots=True)
-class FlightEnded:
-    """``flight`` ended (``flight.state``: landed, failed or aborted): tell its waiters."""
-
-    flight: Flight
-
-
-@dataclass(frozen=True, slots=True)
-class DemandJoined:
-    """A demand request joined prefetch ``group``: it now reads at full speed."""
-
-    group: LoadGroup
-
-
-Effect = Grant | Refuse | StartLoad | Evict | FreeBlock | FlightEnded | DemandJoined
-NO_EFFECTS: tuple[Effect, ...] = ()
 
 _COUNTERS = (
     "hits",
@@ -195,22 +154,7 @@ class Ledger:
     ) -> None:
         self.budget = budget
         self.align = max(1, alignment)
-        self.entries: dict[str, Entry] = {}
-        self.layers: dict[int, list[Entry]] = {}
-        for info in infos:
-            if info.name in self.entries:
-                raise ValueError(f"tensor {info.name!r} is listed twice")
-            if info.offset + info.nbytes > source_size:
-                raise ValueError(
-                    f"tensor {info.name!r} [{info.offset}, {info.end}) lies outside "
-                    f"the source ({source_size} bytes)"
-                )
-            entry = Entry(info, block_capacity(info.offset, info.nbytes, self.align))
-            self.entries[info.name] = entry
-            if info.layer is not None:
-                self.layers.setdefault(info.layer, []).append(entry)
-        for members in self.layers.values():
-            members.sort(key=lambda e: e.info.offset)
+        self.entries, self.layers = entry_table(infos, source_size, self.align)
         self.schedule = Schedule(sorted(self.layers) if schedule is None else schedule)
         self.policy: EvictionPolicy = make_policy(policy, lambda: self.schedule)
         self.current_layer: int | None = None
@@ -298,8 +242,14 @@ class Ledger:
             self.prefetch_useful += 1
 
     def hit(self, e: Entry) -> None:
-        """A request found ``e`` resident: lease it, count the hit."""
-        self.lease(e)
+        """A request found ``e`` resident: lease it, count the hit (``lease``,
+        inline: this is the hit path)."""
+        if e.leases == 0 and not e.pinned:
+            self.policy.remove(e)
+        e.leases += 1
+        if e.prefetched:
+            e.prefetched = False
+            self.prefetch_useful += 1
         self.hits += 1
 
     def release(self, e: Entry) -> Sequence[Effect]:
@@ -464,29 +414,13 @@ class Ledger:
         return effects
 
     def start_loads(self, missing: Sequence[Entry], prefetch: bool) -> list[Effect]:
-        """Flights for reserved ``missing``: adjacent tensors in one group (one
-        scatter read), each gather in a group of its own."""
-        effects: list[Effect] = []
-        runs: list[LoadGroup] = []
-        last_end = -1
-        for e in sorted(missing, key=lambda e: e.info.offset):
+        """Flights for reserved ``missing`` (see ``group_loads``)."""
+        for e in missing:
             if isinstance(e, RowsEntry):
                 if e.key is not None:  # identical gathers join it from now on
                     self.gathers[e.key] = e
                 self.row_entries.add(e)
-                group = LoadGroup(prefetch)
-                e.flight = Flight(e, group)
-                group.flights.append(e.flight)
-                effects.append(StartLoad(group))
-                continue
-            gap = e.info.offset - last_end
-            if not runs or self.align > 1 or not 0 <= gap <= MAX_GAP:
-                runs.append(LoadGroup(prefetch))
-            e.flight = Flight(e, runs[-1])
-            runs[-1].flights.append(e.flight)
-            last_end = e.info.end
-        effects.extend(StartLoad(group) for group in runs)
-        return effects
+        return [StartLoad(group) for group in group_loads(missing, prefetch, self.align)]
 
     def _evict(self, e: Entry) -> Evict:
         self.policy.remove(e)

@@ -12,14 +12,15 @@ frees the memory behind them.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .._tensor import TensorInfo
-from ._gather_plan import GatherPlan
+from ._gather_plan import MAX_GAP, GatherPlan
+from ._pool import block_capacity
 
 __all__ = [
     "Entry",
@@ -30,6 +31,8 @@ __all__ = [
     "RowsEntry",
     "Ticket",
     "TicketState",
+    "entry_table",
+    "group_loads",
 ]
 
 
@@ -183,3 +186,52 @@ class Outcome:
     misses: int = 0
     bytes_loaded: int = 0
     waited: bool = False
+
+
+def entry_table(
+    infos: Iterable[TensorInfo], source_size: int, alignment: int
+) -> tuple[dict[str, Entry], dict[int, list[Entry]]]:
+    """The entries by name, and each layer's entries in file order.
+
+    Raises:
+        ValueError: a name repeats, or a tensor lies outside the source.
+    """
+    entries: dict[str, Entry] = {}
+    layers: dict[int, list[Entry]] = {}
+    for info in infos:
+        if info.name in entries:
+            raise ValueError(f"tensor {info.name!r} is listed twice")
+        if info.offset + info.nbytes > source_size:
+            raise ValueError(
+                f"tensor {info.name!r} [{info.offset}, {info.end}) lies outside "
+                f"the source ({source_size} bytes)"
+            )
+        entry = Entry(info, block_capacity(info.offset, info.nbytes, alignment))
+        entries[info.name] = entry
+        if info.layer is not None:
+            layers.setdefault(info.layer, []).append(entry)
+    for members in layers.values():
+        members.sort(key=lambda e: e.info.offset)
+    return entries, layers
+
+
+def group_loads(entries: Sequence[Entry], prefetch: bool, alignment: int) -> list[LoadGroup]:
+    """A flight for each of ``entries`` (set as its ``flight``), grouped: tensors
+    closer than ``MAX_GAP`` in the file share a group (one scatter read; none under
+    direct I/O), and each row gather has a group of its own (listed first)."""
+    gathers: list[LoadGroup] = []
+    runs: list[LoadGroup] = []
+    last_end = -1
+    for e in sorted(entries, key=lambda e: e.info.offset):
+        if isinstance(e, RowsEntry):
+            gathers.append(LoadGroup(prefetch))
+            group = gathers[-1]
+        else:
+            gap = e.info.offset - last_end
+            if not runs or alignment > 1 or not 0 <= gap <= MAX_GAP:
+                runs.append(LoadGroup(prefetch))
+            group = runs[-1]
+            last_end = e.info.end
+        e.flight = Flight(e, group)
+        group.flights.append(e.flight)
+    return gathers + runs

@@ -32,19 +32,19 @@ import numpy as np
 
 from .._errors import PagerClosed, TensorNotFound
 from ..sources._source import Source
-from ._gather_plan import MAX_GAP, as_row_indices
-from ._lease import Lease, LeaseGroup
-from ._ledger import (
+from ._effects import (
     DemandJoined,
     Effect,
     Evict,
     FlightEnded,
     FreeBlock,
     Grant,
-    Ledger,
     Refuse,
     StartLoad,
 )
+from ._gather_plan import MAX_GAP, as_row_indices
+from ._lease import Lease, LeaseGroup
+from ._ledger import Ledger
 from ._loader import Loader
 from ._pool import BufferPool
 from ._prefetch import PrefetchPlanner

@@ -27,13 +27,13 @@ from ._ledger import (
     Effect,
     Ledger,
 )
-from ._pool import PAGE
 from ._records import (
     Entry,
 )
 from ._row_blocks import RowBlocks
 from ._shell import Shell
-from ._stats import AcquireTimings, LatencyHistogram, PagerStats
+from ._snapshot import pager_stats
+from ._stats import LatencyHistogram, PagerStats
 from ._trace import Tracer
 
 __all__ = ["Pager"]
@@ -231,56 +231,7 @@ class Pager:
     def stats(self, *, reset: bool = False) -> PagerStats:
         """A snapshot of the counters and latency distributions; ``reset=True`` zeroes
         counters and histograms after taking it (gauges are unaffected)."""
-        shell = self._shell
-        h = shell.timings.histograms()
-        io, pool = shell.loader.io, shell.pool
-        in_use = sum(
-            e.charge
-            for e in self._entries.values()
-            if (e.array is not None or e.flight is not None) and e.charge >= PAGE
-        )
-        d = self._ledger
-        s = PagerStats(
-            hits=d.hits,
-            misses=d.misses,
-            coalesced=d.coalesced,
-            loads=d.loads,
-            load_errors=d.load_errors,
-            bytes_read=io.bytes_read,
-            read_calls=io.read_calls,
-            evictions=d.evictions,
-            evicted_bytes=d.evicted_bytes,
-            budget_waits=d.budget_waits,
-            budget_bytes=d.budget,
-            resident_bytes=d.resident_bytes,
-            inflight_bytes=d.inflight_bytes,
-            resident_count=d.resident_count,
-            pinned_reserve_bytes=d.pinned_reserve,
-            pool_bytes=pool.idle_bytes + in_use,
-            pool_idle_bytes=pool.idle_bytes,
-            pool_recycled=pool.recycled,
-            pool_allocated=pool.allocated,
-            prefetch_issued=d.prefetch_issued,
-            prefetch_useful=d.prefetch_useful,
-            prefetch_wasted=d.prefetch_wasted,
-            prefetch_late=d.prefetch_late,
-            prefetch_skipped=d.prefetch_skipped,
-            prefetch_errors=d.prefetch_errors,
-            stall_seconds=shell.timings.stall_ns / 1e9,
-            checksum_failures=io.checksum_failures,
-            row_bytes=d.row_bytes,
-            acquire_hit=h["acquire_hit"].summary(),
-            acquire_joined=h["acquire_joined"].summary(),
-            acquire_miss=h["acquire_miss"].summary(),
-            load=h["load"].summary(),
-            budget_wait=h["budget_wait"].summary(),
-        )
-        if reset:
-            self._ledger.reset_statistics()
-            io.bytes_read = io.read_calls = io.checksum_failures = 0
-            io.load.reset()
-            shell.timings = AcquireTimings(io.load)
-        return s
+        return pager_stats(self._ledger, self._shell, reset=reset)
 
     def histograms(self) -> dict[str, LatencyHistogram]:
         """The live latency histograms (for exporters): acquire_hit, acquire_joined,

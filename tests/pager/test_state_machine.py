@@ -14,7 +14,8 @@ checks them. After every step:
   a started group's flights are flying, an ended flight is no longer flying.
 
 Without a loop a step costs microseconds, so this runs several times the examples
-and steps of the API machine (``test_api_state_machine.py``) in about the same time.
+and steps of the API machine (``test_api_state_machine.py``: 400 cases of up to 100 steps,
+against 200 of up to 50 per loop) in about the same time.
 ``HYPOTHESIS_PROFILE``: ``ci`` (default, derandomized) or ``fuzz`` (``make fuzz``).
 """
 
@@ -45,7 +46,7 @@ from asyncpager.pager._pool import BufferPool, allocate_block
 from asyncpager.pager._prefetch import PrefetchPlanner
 from asyncpager.pager._records import Flight, FlightState, LoadGroup, Ticket, TicketState
 
-_EXAMPLES, _STEPS = int(os.environ.get("LEDGER_MACHINE_EXAMPLES", "600")), 100
+_EXAMPLES, _STEPS = int(os.environ.get("LEDGER_MACHINE_EXAMPLES", "400")), 100
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 if PROFILE not in ("ci", "fuzz"):
     raise ValueError(f"HYPOTHESIS_PROFILE must be 'ci' or 'fuzz', not {PROFILE!r}")

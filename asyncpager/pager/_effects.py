@@ -1,10 +1,10 @@
 """The effects a ledger transition returns: what the async shell must carry out
-(``Shell._apply``). Plain frozen records, no behaviour."""
+(``Shell._apply``). Immutable records (named tuples: cheap to define at import and to
+build), no behaviour."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -25,53 +25,46 @@ __all__ = [
 Block = np.ndarray[Any, Any]
 
 
-@dataclass(frozen=True, slots=True)
-class Grant:
+class Grant(NamedTuple):
     """Wake the waiter of ``ticket``: it was granted from the queue."""
 
     ticket: Ticket
 
 
-@dataclass(frozen=True, slots=True)
-class Refuse:
+class Refuse(NamedTuple):
     """Fail the waiter of queued ``ticket`` with ``error``."""
 
     ticket: Ticket
     error: BaseException
 
 
-@dataclass(frozen=True, slots=True)
-class StartLoad:
+class StartLoad(NamedTuple):
     """Read ``group``'s flights into blocks (recycled from the pool where one fits)."""
 
     group: LoadGroup
 
 
-@dataclass(frozen=True, slots=True)
-class Evict:
+class Evict(NamedTuple):
     """``entry`` was evicted: its ``block`` (if any) goes back to the pool."""
 
     entry: Entry
     block: Block | None
 
 
-@dataclass(frozen=True, slots=True)
-class FreeBlock:
+class FreeBlock(NamedTuple):
     """Give ``block`` back to the pool (``poison``: it was handed out to leases)."""
 
     block: Block
     poison: bool
 
 
-@dataclass(frozen=True, slots=True)
-class FlightEnded:
+class FlightEnded(NamedTuple):
     """``flight`` ended (``flight.state``: landed, failed or aborted): tell its waiters."""
 
     flight: Flight
 
 
-@dataclass(frozen=True, slots=True)
-class DemandJoined:
+class DemandJoined(NamedTuple):
     """A demand request joined prefetch ``group``: it now reads at full speed."""
 
     group: LoadGroup

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -175,8 +174,7 @@ class Ticket:
         return f"<Ticket {[e.name for e in self.entries[:4]]} {self.state.value}>"
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """What the ledger decided for one acquire: tensors found resident (``hits``),
     joined in flight (``joined``) and loaded for it (``misses``, ``bytes_loaded``:
     their sizes), and whether it waited for room."""

@@ -42,7 +42,7 @@ class Lease:
 
     __slots__ = ("_entry", "_pager", "array")
 
-    # ``Pager._hit`` builds leases inline (object.__new__ and these three slots) for
+    # ``Shell._hit`` builds leases inline (object.__new__ and these three slots) for
     # speed: keep it in step with __init__. ``_pager`` is None once released.
     def __init__(self, pager: LeaseOwner, entry: Entry) -> None:
         self._pager: LeaseOwner | None = pager
@@ -140,9 +140,9 @@ class AcquireContext(Coroutine[Any, Any, _R], Generic[_R]):
     name and the timeout (``_pager``, ``_name``, ``_timeout``, with ``_coro`` None;
     built inline there, for speed), not a coroutine. When it is first driven
     (awaited, entered, sent to, or run as a task) it asks the pager for a
-    synchronous hit (``Pager._hit``: the tensor is resident and the pager open);
+    synchronous hit (``Shell._hit``: the tensor is resident and the pager open);
     only when that declines is the coroutine of the general path
-    (``Pager._acquire_one``) created and run. Nothing is taken before the
+    (``Shell._acquire_one``) created and run. Nothing is taken before the
     context is driven, so a context never awaited holds no lease; driving it a
     second time raises ``RuntimeError`` as a reused coroutine does."""
 

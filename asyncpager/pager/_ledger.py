@@ -1,6 +1,6 @@
 """The ledger: every decision of the pager, as pure synchronous transitions that
 return the effects to carry out. No asyncio, no threads, no I/O, no memory: the async
-shell (``_pager.py``) carries the effects out in ``Pager._apply``.
+shell (``_shell.py``) carries the effects out in ``Shell._apply``.
 
 State: the entries (one per tensor, :class:`~._records.Entry`), the transient row
 gathers (``row_entries``; the shareable ones also in ``gathers``), the tickets

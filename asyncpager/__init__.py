@@ -20,7 +20,6 @@ from ._open import HotSet, open, open_async
 from ._sizes import Size
 from ._tensor import TensorInfo
 from .formats import ArraySummary, ModelIndex, read_index
-from .pager._flight import LoadFlight
 from .pager._lease import AcquireContext, Lease, LeaseGroup
 from .pager._pager import Pager
 from .pager._request import RequestScope, RequestStats
@@ -46,7 +45,6 @@ __all__ = [
     "Lease",
     "LeaseGroup",
     "LeaseWarning",
-    "LoadFlight",
     "MemorySource",
     "MmapSource",
     "ModelIndex",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ._errors import FormatError, SourceError
-from ._sizes import Size
+from ._sizes import Size, check_count
 from .formats import ModelIndex, read_index
 from .formats._open import is_url, read_index_at
 from .pager._pager import Pager
@@ -38,6 +38,9 @@ class HotSet:
     embeddings: bool = False
     output_head: bool = False
     last_layers: int = 0
+
+    def __post_init__(self) -> None:
+        check_count(self.last_layers, "last_layers")
 
     def resolve(self, index: ModelIndex) -> list[str]:
         names: list[str] = []
@@ -95,9 +98,11 @@ def open(
         SourceError: the file cannot be opened (missing, unreadable; an object store
             that cannot be reached, or no credentials for it).
         BudgetExceeded: the pinned tensors do not fit the budget.
+        TypeError: a count or size (``io_workers``, ``cache_bytes``,
+            ``prefetch_depth``) is not an integer.
         ValueError: contradictory or invalid options.
     """
-    _check_options(source, direct_io, io_workers)
+    _check_options(source, direct_io, io_workers, cache_bytes)
     remote = _RemoteOptions(storage_options, cache_dir, cache_bytes, remote_options)
     if is_url(path):
         src, found = _open_remote(str(path), remote, io_workers)
@@ -140,7 +145,7 @@ async def open_async(
 
     Raises: as :func:`open`.
     """
-    _check_options(source, direct_io, io_workers)
+    _check_options(source, direct_io, io_workers, cache_bytes)
     remote = _RemoteOptions(storage_options, cache_dir, cache_bytes, remote_options)
     if is_url(path):
         src, found = await asyncio.to_thread(_open_remote, str(path), remote, io_workers)
@@ -162,7 +167,10 @@ async def open_async(
     )
 
 
-def _check_options(source: str, direct_io: bool, io_workers: int) -> None:
+def _check_options(source: str, direct_io: bool, io_workers: int, cache_bytes: int | None) -> None:
+    check_count(io_workers, "io_workers", minimum=1)
+    if cache_bytes is not None:
+        check_count(cache_bytes, "cache_bytes")
     if source not in _SOURCES:
         raise ValueError(f"unknown source kind {source!r}: 'file', 'mmap' or 'aiofiles'")
     if direct_io and source != "file":
@@ -170,8 +178,6 @@ def _check_options(source: str, direct_io: bool, io_workers: int) -> None:
             f"direct_io=True needs source='file' (O_DIRECT reads); source={source!r} "
             "reads through the page cache"
         )
-    if io_workers < 1:
-        raise ValueError(f"io_workers must be >= 1, not {io_workers}")
 
 
 def _read_index(path: str | os.PathLike[str]) -> ModelIndex:

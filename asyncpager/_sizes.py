@@ -11,6 +11,7 @@ once scaled, rounding down (``1.5GiB`` and ``1.5k`` are fine, ``0.5`` bytes is n
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -125,6 +126,23 @@ def as_bytes(value: Size, name: str, *, model_bytes: int | None = None) -> int:
     if budget.share is not None and model_bytes is None:
         raise ValueError(f"{name}={value!r}: a share needs a known model size; give a size")
     return budget.resolve(model_bytes or 0)
+
+
+def check_count(value: object, name: str, *, minimum: int = 0) -> int:
+    """``value`` as an int for the count or size parameter called ``name``: an
+    integer (a numpy integer too), never a bool or a float (``2.5`` rows per block
+    would repeat rows), and at least ``minimum``.
+
+    Raises:
+        TypeError: not an integer.
+        ValueError: below ``minimum``.
+    """
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"{name} must be an integer, not {value!r}")
+    number = operator.index(value)  # type: ignore[arg-type]
+    if number < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, not {number}")
+    return number
 
 
 def format_size(nbytes: float) -> str:

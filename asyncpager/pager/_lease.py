@@ -7,18 +7,25 @@ import sys
 import warnings
 from collections.abc import Awaitable, Coroutine, Generator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, final
+from typing import Any, Generic, Protocol, TypeVar, final
 
 import numpy as np
 
 from .._errors import LeaseWarning
 from .._tensor import TensorInfo
+from ._records import Entry
 
-if TYPE_CHECKING:
-    from ._budget import Entry
-    from ._pager import Pager
+__all__ = ["AcquireContext", "Lease", "LeaseGroup", "LeaseOwner"]
 
-__all__ = ["AcquireContext", "Lease", "LeaseGroup"]
+
+class LeaseOwner(Protocol):
+    """What a lease and a lazy acquire context need of the pager that made them."""
+
+    _debug: bool
+
+    def _release_entry(self, e: Entry) -> None: ...
+    def _hit(self, name: str) -> Lease | None: ...
+    def _acquire_one(self, name: str, timeout: float | None) -> Coroutine[Any, Any, Lease]: ...
 
 
 @final
@@ -35,10 +42,10 @@ class Lease:
 
     __slots__ = ("_entry", "_pager", "array")
 
-    # ``Pager._hit`` builds leases inline (object.__new__ and these three slots) for
+    # ``Shell._hit`` builds leases inline (object.__new__ and these three slots) for
     # speed: keep it in step with __init__. ``_pager`` is None once released.
-    def __init__(self, pager: Pager, entry: Entry) -> None:
-        self._pager: Pager | None = pager
+    def __init__(self, pager: LeaseOwner, entry: Entry) -> None:
+        self._pager: LeaseOwner | None = pager
         self._entry = entry
         array = entry.array
         assert array is not None
@@ -133,9 +140,9 @@ class AcquireContext(Coroutine[Any, Any, _R], Generic[_R]):
     name and the timeout (``_pager``, ``_name``, ``_timeout``, with ``_coro`` None;
     built inline there, for speed), not a coroutine. When it is first driven
     (awaited, entered, sent to, or run as a task) it asks the pager for a
-    synchronous hit (``Pager._hit``: the tensor is resident and the pager open);
+    synchronous hit (``Shell._hit``: the tensor is resident and the pager open);
     only when that declines is the coroutine of the general path
-    (``Pager._acquire_one``) created and run. Nothing is taken before the
+    (``Shell._acquire_one``) created and run. Nothing is taken before the
     context is driven, so a context never awaited holds no lease; driving it a
     second time raises ``RuntimeError`` as a reused coroutine does."""
 
@@ -144,11 +151,11 @@ class AcquireContext(Coroutine[Any, Any, _R], Generic[_R]):
     def __init__(self, coro: Coroutine[Any, Any, _R]) -> None:
         self._coro: Coroutine[Any, Any, _R] | None = coro
         self._result: _R | None = None
-        self._pager: Pager | None = None
+        self._pager: LeaseOwner | None = None
         self._name = ""
         self._timeout: float | None = None
 
-    def _general(self, pager: Pager | None) -> Coroutine[Any, Any, _R]:
+    def _general(self, pager: LeaseOwner | None) -> Coroutine[Any, Any, _R]:
         """Start the general path: the pager declined a hit, or the context is
         thrown into before it started."""
         if pager is None:  # a hit already returned this context's lease
@@ -219,18 +226,18 @@ class AcquireContext(Coroutine[Any, Any, _R], Generic[_R]):
         # done future (a coroutine per exit was a tenth of a hit).
         if self._result is not None:
             self._result.release()
-        return _DONE if _DONE is not None else _make_done()
+        return _EXITED if _EXITED is not None else _make_exited()
 
 
-_DONE: asyncio.Future[None] | None = None
+_EXITED: asyncio.Future[None] | None = None
 
 
-def _make_done() -> asyncio.Future[None]:
-    """The shared done future ``AcquireContext.__aexit__`` returns. Awaiting a done
-    future returns at once on any loop (nothing is scheduled on the loop it was
-    made on), so one serves every loop and thread."""
-    global _DONE
+def _make_exited() -> asyncio.Future[None]:
+    """The shared, already completed future ``AcquireContext.__aexit__`` returns.
+    Awaiting a done future returns at once on any loop (nothing is scheduled on the
+    loop it was made on), so one serves every loop and thread."""
+    global _EXITED
     done = asyncio.get_running_loop().create_future()
     done.set_result(None)
-    _DONE = done
+    _EXITED = done
     return done

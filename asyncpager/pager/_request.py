@@ -5,28 +5,24 @@ released at exit, whether the block ended normally, raised or was cancelled; an
 acquire still in flight when the scope exits (a sibling task of the request) releases
 what it gets the moment it gets it and raises ``RuntimeError``.
 
-Accounting: a request's hits, joins and misses are the pager's own decisions for its
-acquires, read from the pager's counters around the event-loop step in which each
-acquire completes (nothing else runs in that step, so the difference is exactly that
-acquire's). ``bytes_loaded`` sums the sizes of the tensors its misses loaded: exact
-for acquires granted at once; for one that waited for room (``queued``) the pager
-decided at the grant, in another task's step, so the bytes are taken from the tensors
-that were missing when the request asked if their number matches, else estimated
-from the acquire's average tensor size. ``wait_seconds`` is the sum of the durations
-of the scope's acquire calls (concurrent acquires of one scope overlap).
+Accounting: the pager tells the scope each acquire's outcome as the ledger decided
+it (:class:`~._records.Outcome`: hits, joins, misses, the bytes its misses loaded,
+whether it waited for room), whether it was granted at once or later from the queue;
+so ``bytes_loaded`` is exact. ``wait_seconds`` is the sum of the durations of the
+scope's acquire calls (concurrent acquires of one scope overlap).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from time import perf_counter_ns
 from types import TracebackType
-from typing import Any, Generic, TypeVar, final
+from typing import Any, TypeVar, final
 
-from .._tensor import TensorInfo
 from ._lease import AcquireContext, Lease, LeaseGroup
 from ._pager import Pager
+from ._records import Outcome
 
 __all__ = ["RequestScope", "RequestStats"]
 
@@ -77,9 +73,7 @@ class RequestScope:
         "_failed",
         "_held",
         "_hits",
-        "_infos",
         "_joined",
-        "_layers",
         "_misses",
         "_pager",
         "_queued",
@@ -91,8 +85,6 @@ class RequestScope:
         self._pager = pager
         self._held: list[Lease | LeaseGroup] = []
         self._closed = False
-        self._infos: Mapping[str, TensorInfo] | None = None
-        self._layers: Mapping[int, list[str]] | None = None
         self._acquires = self._failed = self._tensors = 0
         self._hits = self._joined = self._misses = self._bytes_loaded = self._queued = 0
         self._wait_ns = 0
@@ -137,7 +129,8 @@ class RequestScope:
                 waits: what the call was granted is released at once).
             Otherwise as :meth:`Pager.acquire`.
         """
-        return AcquireContext(self._track((name,), lambda: self._pager.acquire(name, timeout)))
+        shell = self._pager._shell
+        return AcquireContext(self._track(lambda see: shell._acquire_one(name, timeout, see)))
 
     def acquire_many(
         self, names: Iterable[str], timeout: float | None = None
@@ -147,8 +140,10 @@ class RequestScope:
         Raises:
             RuntimeError: the scope has exited. Otherwise as :meth:`Pager.acquire_many`.
         """
-        names = list(dict.fromkeys(names))
-        return AcquireContext(self._track(names, lambda: self._pager.acquire_many(names, timeout)))
+        unique = list(dict.fromkeys(names))
+        return AcquireContext(
+            self._track(lambda see: self._pager._shell._acquire_group(unique, timeout, see))
+        )
 
     def acquire_layer(self, layer: int, timeout: float | None = None) -> AcquireContext[LeaseGroup]:
         """As :meth:`Pager.acquire_layer` (all or nothing, starts prefetch), tracked
@@ -158,28 +153,21 @@ class RequestScope:
             RuntimeError: the scope has exited.
             KeyError: the model has no such layer. Otherwise as :meth:`Pager.acquire_many`.
         """
-        if self._layers is None:
-            self._layers = self._pager.layers
-        names = self._layers.get(layer, ())
-        return AcquireContext(self._track(names, lambda: self._pager.acquire_layer(layer, timeout)))
+        shell = self._pager._shell
+        return AcquireContext(
+            self._track(lambda see: shell._acquire_group(shell._layer_names(layer), timeout, see))
+        )
 
     async def _track(
-        self, names: Sequence[str], start: Callable[[], AcquireContext[_Held]]
+        self, start: Callable[[Callable[[Outcome], None]], Coroutine[Any, Any, _Held]]
     ) -> _Held:
         if self._closed:
             raise RuntimeError("the request scope has exited")
         self._prune()
         t0 = perf_counter_ns()
+        told: list[Outcome] = []
         try:
-            # What the request finds when it asks (the pager decides the same in this
-            # step unless the acquire has to wait for room).
-            found_misses = found_bytes = 0
-            for name in names:
-                if not self._pager.is_resident(name) and not self._pager.is_loading(name):
-                    found_misses += 1
-                    found_bytes += self._info(name).nbytes
-            observed = _Observed(self._pager, start())
-            held = await observed
+            held = await start(told.append)
         except BaseException:
             self._failed += 1
             raise
@@ -190,23 +178,14 @@ class RequestScope:
             raise RuntimeError("the request scope exited while this acquire waited")
         self._held.append(held)
         self._acquires += 1
-        n_tensors = 1 if isinstance(held, Lease) else len(held)
-        self._tensors += n_tensors
-        self._hits += observed.hits
-        self._joined += observed.joined
-        self._misses += observed.misses
-        if observed.misses and (not observed.queued or observed.misses == found_misses):
-            self._bytes_loaded += found_bytes
-        elif observed.misses:  # decided at the grant, in another task's step: estimate
-            total = sum(self._info(n).nbytes for n in names)
-            self._bytes_loaded += total * observed.misses // max(1, n_tensors)
-        self._queued += observed.queued
+        self._tensors += 1 if isinstance(held, Lease) else len(held)
+        for outcome in told:
+            self._hits += outcome.hits
+            self._joined += outcome.joined
+            self._misses += outcome.misses
+            self._bytes_loaded += outcome.bytes_loaded
+            self._queued += outcome.waited
         return held
-
-    def _info(self, name: str) -> TensorInfo:
-        if self._infos is None:
-            self._infos = self._pager.tensors
-        return self._infos[name]
 
     def _prune(self) -> None:
         """Forget fully released leases (their arrays must not outlive the lease)."""
@@ -251,53 +230,3 @@ class RequestScope:
 
 def _leases(held: Lease | LeaseGroup) -> Iterable[Lease]:
     return (held,) if isinstance(held, Lease) else held.values()
-
-
-_T = TypeVar("_T")
-
-
-class _Observed(Generic[_T]):
-    """Awaits ``call`` step by step, reading the pager's outcome counters around the
-    step in which it completes (that difference is this acquire's alone: no other
-    task runs inside a step) and whether its first step queued it for room."""
-
-    __slots__ = ("_call", "_pager", "hits", "joined", "misses", "queued")
-
-    def __init__(self, pager: Pager, call: Awaitable[_T]) -> None:
-        self._pager = pager
-        self._call = call
-        self.hits = self.joined = self.misses = 0
-        self.queued = False
-
-    def _counts(self) -> tuple[int, int, int]:
-        pager = self._pager
-        return pager._hits, pager._coalesced, pager._misses
-
-    def __await__(self) -> Generator[Any, Any, _T]:
-        steps = self._call.__await__()
-        value: Any = None
-        error: BaseException | None = None
-        first = True
-        while True:
-            before = self._counts()
-            waiting = self._pager.waiting
-            try:
-                future = steps.send(value) if error is None else steps.throw(error)
-            except StopIteration as done:
-                after = self._counts()
-                self.hits = after[0] - before[0]
-                self.joined = after[1] - before[1]
-                self.misses = after[2] - before[2]
-                result: _T = done.value
-                return result
-            if first:
-                self.queued = self._pager.waiting > waiting
-                first = False
-            value, error = None, None
-            try:
-                value = yield future
-            except GeneratorExit:
-                steps.close()
-                raise
-            except BaseException as exc:
-                error = exc

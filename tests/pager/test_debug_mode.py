@@ -59,7 +59,7 @@ def test_env_var_turns_debug_on(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.undo()  # the suite's default off, to read the environment
     blob, infos = make_tensors([PAGE])
     monkeypatch.setenv("ASYNCPAGER_DEBUG", "1")
-    assert ap.Pager(ap.MemorySource(blob), infos, budget_bytes=PAGE)._debug
+    assert ap.Pager(ap.MemorySource(blob), infos, budget_bytes=PAGE)._shell._debug
     monkeypatch.setenv("ASYNCPAGER_DEBUG", "0")
-    assert not ap.Pager(ap.MemorySource(blob), infos, budget_bytes=PAGE)._debug
-    assert ap.Pager(ap.MemorySource(blob), infos, budget_bytes=PAGE, debug=True)._debug
+    assert not ap.Pager(ap.MemorySource(blob), infos, budget_bytes=PAGE)._shell._debug
+    assert ap.Pager(ap.MemorySource(blob), infos, budget_bytes=PAGE, debug=True)._shell._debug

@@ -13,7 +13,8 @@ import pytest
 import uvloop
 
 import asyncpager as ap
-from asyncpager.pager._pager import _HIT_FOLD, _HIT_SAMPLE
+from asyncpager.pager._stats import HIT_FOLD as _HIT_FOLD
+from asyncpager.pager._stats import HIT_SAMPLE as _HIT_SAMPLE
 from tests.support.fakes import assert_invariants, make_tensors
 from tests.support.pagers import PagerFactory
 
@@ -75,7 +76,7 @@ async def test_the_sample_buffer_stays_bounded(make_pager: PagerFactory) -> None
     n = _HIT_SAMPLE * _HIT_FOLD + 3
     for _ in range(n):
         (await p.acquire("t0")).release()
-    assert len(p._hit_samples) < _HIT_FOLD
+    assert len(p._shell.timings.hit_samples) < _HIT_FOLD
     assert p.stats().acquire_hit.count == n
 
 

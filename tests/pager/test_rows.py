@@ -237,7 +237,7 @@ async def test_cancelled_gathers_give_everything_back(make_pager: PagerFactory) 
     with pytest.raises(TimeoutError):
         await small.acquire_rows("embed", [0, 1, 2], timeout=0.01)
     assert small.waiting == 0
-    assert not small._gathers
+    assert not small._ledger.gathers
     x.release()
     assert_invariants(small)
     assert small.row_bytes == 0
@@ -331,7 +331,7 @@ async def test_cancelled_at_every_step_leaves_nothing(
             lease.release()
         await pager.drain()
         assert (pager.row_bytes, pager.inflight_bytes, pager.waiting) == (0, 0, 0), k
-        assert not pager._gathers
+        assert not pager._ledger.gathers
         assert_invariants(pager)
     assert "cancelled" in outcomes
 

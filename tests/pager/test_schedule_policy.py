@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 import asyncpager as ap
-from asyncpager.pager._budget import plan_evictions
+from asyncpager.pager._policy import plan_evictions
 from asyncpager.pager._schedule import NEVER, Schedule
 from tests.support.fakes import make_tensors
 from tests.support.pagers import PagerFactory

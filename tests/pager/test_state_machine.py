@@ -1,173 +1,145 @@
-"""A hypothesis state machine over the pager API: acquire, acquire_many, acquire_layer,
-release, cancel (queued or mid-load), timeouts, pin, unpin, prefetch and injected read
-faults, on a budget that forces evictions. After every step the loop is run to
-quiescence and the model is compared with the pager:
+"""A hypothesis state machine over the ledger alone, with no event loop: requests
+(one tensor or several), loads that start, land or fail, releases, abandons (queued,
+granted, mid-load), pins, unpins and prefetches, on a budget that forces evictions.
+This machine plays the shell: it carries out the effects each transition returns
+(a grant wakes a ticket, a load group is started and later landed or failed) and
+checks them. After every step:
 
-- the accounting is exact and the budget holds (``assert_invariants``);
-- every lease the model holds is on a resident tensor with that tensor's bytes, and
-  each tensor's lease count equals the leases the model holds on it;
-- nothing is in flight; ``waiting`` equals the acquires still pending, none of which
-  could be granted now (no lost wake-up: the oldest one really does not fit, and
-  none has all of its tensors resident);
-- an outcome other than a lease happens only for a reason the model knows (an
-  injected fault, a cancel, a timeout, a pin that made the request impossible).
+- every invariant of the ledger holds (``Ledger.check``, with the idle pool the
+  shell would keep);
+- each tensor's lease count equals the leases the model's tickets hold on it;
+- no lost wake-up: pumping the queue again grants nothing (the last transition
+  already granted what it could);
+- effects are coherent: a grant is for a ticket that was queued and is now granted,
+  a started group's flights are flying, an ended flight is no longer flying.
 
-The machine owns one event loop (asyncio or uvloop) for its whole run and closes it
-in ``teardown``. ``HYPOTHESIS_PROFILE``: ``ci`` (default, derandomized) or ``fuzz``
-(``make fuzz``: 50x the examples, random).
+Without a loop a step costs microseconds, so this runs several times the examples
+and steps of the API machine (``test_api_state_machine.py``: 400 cases of up to 100 steps,
+against 200 of up to 50 per loop) in about the same time.
+``HYPOTHESIS_PROFILE``: ``ci`` (default, derandomized) or ``fuzz`` (``make fuzz``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-import zlib
 from collections import Counter
-from collections.abc import Callable, Coroutine
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Sequence
 
+import numpy as np
 import pytest
-import uvloop
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (
-    RuleBasedStateMachine,
-    initialize,
-    invariant,
-    precondition,
-    rule,
-)
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import asyncpager as ap
-from asyncpager.testing import FaultySource
-from tests.support.fakes import assert_invariants, make_tensors
+from asyncpager.pager._ledger import (
+    Effect,
+    Evict,
+    FlightEnded,
+    FreeBlock,
+    Grant,
+    Ledger,
+    Refuse,
+    StartLoad,
+)
+from asyncpager.pager._pool import BufferPool, allocate_block
+from asyncpager.pager._prefetch import PrefetchPlanner
+from asyncpager.pager._records import Flight, FlightState, LoadGroup, Ticket, TicketState
 
-_CI_EXAMPLES, _CI_STEPS = 200, 50
-settings.register_profile(
-    "ci",
-    max_examples=_CI_EXAMPLES,
-    stateful_step_count=_CI_STEPS,
-    derandomize=True,
+_EXAMPLES, _STEPS = int(os.environ.get("LEDGER_MACHINE_EXAMPLES", "400")), 100
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+if PROFILE not in ("ci", "fuzz"):
+    raise ValueError(f"HYPOTHESIS_PROFILE must be 'ci' or 'fuzz', not {PROFILE!r}")
+_SETTINGS = settings(
+    max_examples=_EXAMPLES * (50 if PROFILE == "fuzz" else 1),
+    stateful_step_count=_STEPS,
+    derandomize=PROFILE == "ci",
     database=None,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-settings.register_profile(
-    "fuzz",
-    max_examples=_CI_EXAMPLES * 50,
-    stateful_step_count=_CI_STEPS,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
-if PROFILE not in ("ci", "fuzz"):
-    raise ValueError(f"HYPOTHESIS_PROFILE must be 'ci' or 'fuzz', not {PROFILE!r}")
-_SETTINGS = settings.get_profile(PROFILE)
 if PROFILE == "fuzz":  # minutes, not seconds: lift the per-test timeout
     pytestmark = pytest.mark.timeout(0)
 
-_T = TypeVar("_T")
-Held = ap.Lease | ap.LeaseGroup
-SIZES = (64, 200, 1000, 4096, 5000, 8192, 12000)
-_SPINS = 50  # loop iterations a step may take to reach a stall (a safety bound only)
+PAGE = 4096
+SIZES = (64, 200, PAGE, 5000, 2 * PAGE, 12000)  # some pooled (>= a page), some not
 
 
-class PagerMachine(RuleBasedStateMachine):
-    new_loop: ClassVar[Callable[[], asyncio.AbstractEventLoop]] = staticmethod(
-        asyncio.new_event_loop
-    )
-
+class LedgerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.loop = self.new_loop()
-        self.pager: ap.Pager | None = None
-        self.held: list[Held] = []
-        self.pending: list[tuple[asyncio.Task[Held], list[str]]] = []
-        self.cancelled: set[asyncio.Task[Held]] = set()
-        self.timed: set[asyncio.Task[Held]] = set()
-        self.error_faults_seen = 0
-
-    # ------------------------------------------------------------------ plumbing
-
-    def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
-        return self.loop.run_until_complete(coro)
-
-    def call(self, fn: Callable[[], _T]) -> _T:
-        """Call a synchronous pager method on the loop (it may start loads)."""
-
-        async def on_loop() -> _T:
-            return fn()
-
-        return self.run(on_loop())
+        self.d: Ledger | None = None
+        self.pool = BufferPool()
+        self.waiting: list[Ticket] = []  # queued, waiter present
+        self.granted: list[Ticket] = []  # granted, not yet settled
+        self.held: list[Ticket] = []  # settled: one lease per entry
+        self.groups: list[LoadGroup] = []  # started, not ended
 
     @property
-    def p(self) -> ap.Pager:
-        assert self.pager is not None
-        return self.pager
+    def ledger(self) -> Ledger:
+        assert self.d is not None
+        return self.d
 
     def name(self, i: int) -> str:
-        return self.names[i % len(self.names)]
+        names = list(self.ledger.entries)
+        return names[i % len(names)]
 
-    def error_faults(self) -> int:
-        return self.faulty.faults["eio"] + self.faulty.faults["short"]
+    # ------------------------------------------------------------------ the shell's part
 
-    async def _settle(self) -> None:
-        for _ in range(3):
-            await self.p.drain()
-            for _ in range(4):
-                await asyncio.sleep(0)
+    def apply(self, effects: Sequence[Effect]) -> None:
+        d = self.ledger
+        for effect in effects:
+            if isinstance(effect, StartLoad):
+                group = effect.group
+                assert all(f.state is FlightState.FLYING for f in group.flights)
+                for f in group.flights:
+                    f.block = self.pool.take(f.entry.charge)
+                self.groups.append(group)
+            elif isinstance(effect, Evict | FreeBlock):
+                if effect.block is not None:
+                    self.pool.give(effect.block)
+            elif isinstance(effect, FlightEnded):
+                assert effect.flight.state is not FlightState.FLYING
+            elif isinstance(effect, Grant):
+                ticket = effect.ticket
+                assert ticket in self.waiting, f"{ticket} granted but not waiting"
+                assert ticket.state is TicketState.GRANTED
+                self.waiting.remove(ticket)
+                self.granted.append(ticket)
+            elif isinstance(effect, Refuse):
+                assert effect.ticket.state is TicketState.REFUSED
+                self.waiting.remove(effect.ticket)
+        excess = d.resident_bytes + d.inflight_bytes + d.pinned_reserve + d.row_bytes
+        excess += self.pool.idle_bytes - d.budget
+        if excess > 0:
+            self.pool.drop(excess)
+        self.settle_ready()
 
-    async def _spin_until(self, done: Callable[[], bool]) -> None:
-        for _ in range(_SPINS):
-            if done():
-                return
-            await asyncio.sleep(0)
-
-    def start(self, make: Callable[[], Coroutine[Any, Any, Held]], names: list[str]) -> None:
-        task = self.loop.create_task(make())
-        self.pending.append((task, names))
-
-    def settle(self) -> None:
-        """Run the loop to quiescence, then collect every finished acquire and check
-        that its outcome had a reason."""
-        errors_before = self.error_faults_seen
-        self.run(self._settle())
-        self.error_faults_seen = self.error_faults()
-        injected = self.error_faults_seen > errors_before
-        still: list[tuple[asyncio.Task[Held], list[str]]] = []
-        for task, names in self.pending:
-            if not task.done():
-                still.append((task, names))
+    def settle_ready(self) -> None:
+        """The shell's waiters resume: a granted ticket whose joins all landed takes
+        its leases; one whose join failed leaves (abandons)."""
+        for ticket in list(self.granted):
+            if ticket not in self.granted:  # settled by a nested call
                 continue
-            exc = None if task.cancelled() else task.exception()
-            if task.cancelled():
-                assert task in self.cancelled, f"acquire of {names} was cancelled"
-            elif exc is None:
-                got = task.result()
-                self.check_bytes(got)
-                self.held.append(got)
-            elif isinstance(exc, TimeoutError):
-                assert task in self.timed, f"acquire of {names}: {exc!r}"
-            elif isinstance(exc, ap.BudgetExceeded):
-                unpinned = sum(
-                    self.charges[n] for n in dict.fromkeys(names) if not self.p.is_pinned(n)
-                )
-                assert unpinned > self.p.budget_bytes - self.pinned_total(), repr(exc)
-            elif isinstance(exc, ap.SourceError):
-                assert injected, f"acquire of {names} failed with no fault injected: {exc!r}"
-            else:
-                raise AssertionError(f"acquire of {names}: unexpected {exc!r}")
-        self.pending = still
+            states = {f.state for f in ticket.joined}
+            if FlightState.FAILED in states:
+                self.granted.remove(ticket)
+                self.apply(self.ledger.abandon(ticket))
+            elif states <= {FlightState.LANDED}:
+                self.granted.remove(ticket)
+                self.ledger.settle(ticket)
+                self.held.append(ticket)
 
-    def check_bytes(self, got: Held) -> None:
-        leases = got.values() if isinstance(got, ap.LeaseGroup) else (got,)
-        for lease in leases:
-            assert not lease.released
-            assert self.p.is_resident(lease.name), f"{lease} is leased but evicted"
-            assert zlib.crc32(lease.array) == self.crc[lease.name], f"{lease}: wrong bytes"
+    def flying(self) -> list[LoadGroup]:
+        self.groups = [
+            g for g in self.groups if any(f.state is FlightState.FLYING for f in g.flights)
+        ]
+        return self.groups
 
-    def pinned_total(self) -> int:
-        return sum(self.charges[n] for n in self.names if self.p.is_pinned(n))
+    def block_of(self, f: Flight) -> np.ndarray:
+        if f.block is None:
+            f.block = allocate_block(f.entry.charge)
+        return f.block
 
     # ------------------------------------------------------------------ setup
 
@@ -175,233 +147,164 @@ class PagerMachine(RuleBasedStateMachine):
         sizes=st.lists(st.sampled_from(SIZES), min_size=3, max_size=10),
         room=st.sampled_from([0.0, 0.1, 0.25, 0.5]),
         policy=st.sampled_from(["lru", "schedule"]),
-        verify=st.booleans(),
-        prefetch_depth=st.integers(0, 1),
+        depth=st.integers(0, 2),
     )
-    def setup(
-        self, sizes: list[int], room: float, policy: str, verify: bool, prefetch_depth: int
-    ) -> None:
-        layers: list[int | None] = [i // 2 for i in range(len(sizes) - 1)] + [None]
-        blob, infos = make_tensors(sizes, layers=layers)
-        self.crc = {i.name: zlib.crc32(blob[i.offset : i.end]) for i in infos}
-        self.faulty = FaultySource(ap.MemorySource(blob), script=[])
-        probe = ap.Pager(ap.MemorySource(blob), infos, budget_bytes=len(blob))
-        self.charges = {n: probe.charge_of(n) for n in probe.tensors}
-        self.names = list(self.charges)
-        self.layer_ids = list(probe.layers)
-        # Every layer fits; ``room`` more of the rest decides how much is evicted.
-        need = max(sum(self.charges[n] for n in ns) for ns in probe.layers.values())
-        need = max(need, *self.charges.values())
-        budget = need + int(room * (sum(self.charges.values()) - need))
-        self.pager = ap.Pager(
-            self.faulty,
-            infos,
-            budget_bytes=budget,
-            policy=policy,
-            verify="crc32" if verify else None,
-            prefetch_depth=prefetch_depth,
+    def setup(self, sizes: list[int], room: float, policy: str, depth: int) -> None:
+        infos, offset = [], 0
+        for i, size in enumerate(sizes):
+            layer = i // 2 if i < len(sizes) - 1 else None
+            infos.append(ap.TensorInfo(f"t{i}", offset, size, layer=layer))
+            offset += -(-size // 64) * 64
+        probe = Ledger(
+            infos, budget=1, source_size=offset, alignment=1, policy="lru", schedule=None
         )
+        charges = [e.charge for e in probe.entries.values()]
+        need = max(sum(e.charge for e in es) for es in probe.layers.values())
+        need = max(need, *charges)
+        budget = need + int(room * (sum(charges) - need))
+        self.d = Ledger(
+            infos, budget=budget, source_size=offset, alignment=1, policy=policy, schedule=None
+        )
+        self.planner = PrefetchPlanner(self.d, depth)
 
     # ------------------------------------------------------------------ rules
 
-    @rule(i=st.integers(0, 63))
-    def acquire(self, i: int) -> None:
-        name = self.name(i)
-        self.start(lambda: self.p.acquire(name), [name])
-        self.settle()
-
     @rule(picks=st.lists(st.integers(0, 63), min_size=1, max_size=4))
-    def acquire_many(self, picks: list[int]) -> None:
-        names = [self.name(i) for i in picks]
-        self.start(lambda: self.p.acquire_many(names), names)
-        self.settle()
+    def request(self, picks: list[int]) -> None:
+        d = self.ledger
+        entries = list({self.name(i): d.entries[self.name(i)] for i in picks}.values())
+        for e in entries:
+            if e.layer is not None:
+                d.enter_layer(e.layer)
+        try:
+            d.check_fits(entries)
+        except ap.BudgetExceeded:
+            unpinned = sum(e.charge for e in entries if not e.pinned)
+            assert unpinned > d.budget - d.pinned_total
+            return
+        ticket = Ticket(entries)
+        effects = d.request(ticket)
+        if ticket.state is TicketState.QUEUED:
+            assert ticket.waited
+            assert ticket in d.queue
+            self.waiting.append(ticket)
+        else:
+            assert ticket.state is TicketState.GRANTED
+            self.granted.append(ticket)
+        self.apply(effects)
+        self.apply(self.planner.layers_ahead())
 
+    @precondition(lambda self: bool(self.flying()))
     @rule(i=st.integers(0, 63))
-    def acquire_layer(self, i: int) -> None:
-        layer = self.layer_ids[i % len(self.layer_ids)]
-        self.start(lambda: self.p.acquire_layer(layer), self.p.layers[layer])
-        self.settle()
+    def start_read(self, i: int) -> None:
+        """The group's task runs: its flights can no longer be aborted."""
+        group = self.flying()[i % len(self.flying())]
+        for f in group.flights:
+            f.started = True
+
+    @precondition(lambda self: bool(self.flying()))
+    @rule(i=st.integers(0, 63))
+    def land(self, i: int) -> None:
+        group = self.flying()[i % len(self.flying())]
+        flights = [f for f in group.flights if f.state is FlightState.FLYING]
+        landed = [(f, self.block_of(f)[: f.entry.info.nbytes]) for f in flights]
+        self.apply(self.ledger.land(landed, group.prefetch))
+        assert all(f.state is FlightState.LANDED for f in flights)
+
+    @precondition(lambda self: bool(self.flying()))
+    @rule(i=st.integers(0, 63))
+    def fail(self, i: int) -> None:
+        group = self.flying()[i % len(self.flying())]
+        self.apply(self.ledger.fail(group.flights, ap.SourceError("injected")))
+        assert all(f.state is not FlightState.FLYING for f in group.flights)
 
     @precondition(lambda self: bool(self.held))
     @rule(i=st.integers(0, 63))
     def release(self, i: int) -> None:
-        got = self.held.pop(i % len(self.held))
-        self.check_bytes(got)
-        self.call(got.release)
-        self.settle()
+        ticket = self.held.pop(i % len(self.held))
+        for e in ticket.entries:
+            self.apply(self.ledger.release(e))
 
-    @precondition(lambda self: bool(self.pending))
+    @precondition(lambda self: bool(self.waiting or self.granted))
     @rule(i=st.integers(0, 63))
-    def cancel_queued(self, i: int) -> None:
-        task, _ = self.pending[i % len(self.pending)]
-        self.cancelled.add(task)
-        task.cancel()
-        self.settle()
+    def abandon(self, i: int) -> None:
+        """The acquirer left: cancelled while queued, or while its loads ran."""
+        pool = self.waiting + self.granted
+        ticket = pool[i % len(pool)]
+        (self.waiting if ticket in self.waiting else self.granted).remove(ticket)
+        self.apply(self.ledger.abandon(ticket))
+        assert ticket.state is TicketState.ABANDONED
 
-    @precondition(lambda self: self.pager is not None and not self.faulty.script)
-    @rule(i=st.integers(0, 63), how=st.sampled_from(["cancel", "timeout"]))
-    def leave_mid_load(self, i: int, how: str) -> None:
-        """Acquire a cold tensor whose read stalls, then leave (cancel, or a timeout of
-        0 that fires on the next iteration) while the read is parked: the load still
-        completes and the tensor becomes resident, with no lease left behind."""
-        name = self.name(i)
-        pager = self.p
-        if pager.is_resident(name) or self.pending:
-            return
-        gate = self.faulty.stall(pager.tensors[name].offset)
-        timeout = 0.0 if how == "timeout" else None
-        task = self.loop.create_task(pager.acquire(name, timeout=timeout))
-        self.pending.append((task, [name]))
-        (self.timed if how == "timeout" else self.cancelled).add(task)
-        self.run(self._spin_until(lambda: self.faulty.stalled_reads > 0 or task.done()))
-        stalled = self.faulty.stalled_reads > 0
-        if how == "cancel":
-            task.cancel()
-        else:
-            self.run(self._spin_until(task.done))
-        gate.set()
-        self.settle()
-        if stalled:
-            assert not any(t is task for t, _ in self.pending)
-            assert pager.is_resident(name), f"{name}: a load whose waiter left was dropped"
-        else:  # queued for room instead (it never read): then it simply left the queue
-            assert pager.waiting == 0
+    @precondition(lambda self: bool(self.waiting))
+    @rule(i=st.integers(0, 63), j=st.integers(0, 63))
+    def withdraw_then_pin(self, i: int, j: int) -> None:
+        """A queued waiter was cancelled and, before its cleanup, a pin changes the
+        room: the shell withdraws it first, then its cleanup finds it abandoned."""
+        ticket = self.waiting.pop(i % len(self.waiting))
+        self.ledger.withdraw(ticket)
+        self.pin(j)
+        self.apply(self.ledger.abandon(ticket))
 
     @rule(i=st.integers(0, 63))
     def pin(self, i: int) -> None:
+        d = self.ledger
         name = self.name(i)
-        over = self.pinned_total() + self.charges[name] > self.p.budget_bytes
+        over = d.pinned_total + d.entries[name].charge > d.budget
         try:
-            self.call(lambda: self.p.pin(name))
+            effects = d.pin(name)
         except ap.BudgetExceeded:
             assert over
-            assert not self.p.is_pinned(name)
-        else:
-            assert self.p.is_pinned(name)
-        self.settle()
-
-    @precondition(lambda self: bool(self.pending))
-    @rule(i=st.integers(0, 63), j=st.integers(0, 63), pin=st.booleans())
-    def cancel_then_pin(self, i: int, j: int, pin: bool) -> None:
-        """Cancel a queued acquire and, in the same loop step (its future is done,
-        its cleanup has not run), pin or unpin: issue 11 defect 1's class."""
-        task, _ = self.pending[i % len(self.pending)]
-        self.cancelled.add(task)
-        name = self.name(j)
-        over = self.pinned_total() + self.charges[name] > self.p.budget_bytes
-
-        def both() -> None:
-            task.cancel()
-            if pin:
-                self.p.pin(name)
-            else:
-                self.p.unpin(name)
-
-        try:
-            self.call(both)
-        except ap.BudgetExceeded:
-            assert pin
-            assert over
-        self.settle()
+            assert not d.entries[name].pinned
+            return
+        assert d.entries[name].pinned
+        self.apply(effects)
 
     @rule(i=st.integers(0, 63))
     def unpin(self, i: int) -> None:
-        name = self.name(i)
-        self.call(lambda: self.p.unpin(name))
-        assert not self.p.is_pinned(name)
-        self.settle()
+        self.apply(self.ledger.unpin(self.name(i)))
 
     @rule(picks=st.lists(st.integers(0, 63), min_size=1, max_size=4))
     def prefetch(self, picks: list[int]) -> None:
-        self.call(lambda: self.p.prefetch([self.name(i) for i in picks]))
-        self.settle()
-
-    @precondition(lambda self: self.pager is not None)
-    @rule(fault=st.sampled_from(["eio", "short"]))
-    def fail_next_read(self, fault: str) -> None:
-        script = self.faulty.script
-        assert isinstance(script, list)
-        script.append(fault)  # type: ignore[arg-type]
+        effects: list[Effect] = []
+        self.planner.entries([self.ledger.entries[self.name(i)] for i in picks], effects)
+        self.apply(effects)
 
     # ------------------------------------------------------------------ invariants
 
     @invariant()
-    def accounting_is_exact(self) -> None:
-        if self.pager is None:
+    def ledger_holds(self) -> None:
+        if self.d is None:
             return
-        pager = self.pager
-        assert_invariants(pager)
-        assert pager.loads_in_flight == 0
-        assert pager.inflight_bytes == 0
-        held = Counter(
-            lease.name
-            for got in self.held
-            for lease in (got.values() if isinstance(got, ap.LeaseGroup) else (got,))
-        )
-        for name in self.names:
-            assert pager.lease_count(name) == held[name], f"{name}: lease count"
-        for got in self.held:
-            self.check_bytes(got)
+        d = self.d
+        d.check(self.pool.idle_bytes)
+        leases: Counter[str] = Counter()
+        for ticket in self.held:
+            leases.update(e.name for e in ticket.entries)
+        for ticket in self.granted:
+            leases.update(e.name for e in ticket.leased)
+            leases.update(f.entry.name for f in ticket.joined if f.state is FlightState.LANDED)
+        for name, e in d.entries.items():
+            assert e.leases == leases[name], f"{name}: {e.leases} leases, model {leases[name]}"
+        assert list(d.queue) == self.waiting
 
     @invariant()
     def no_lost_wakeup(self) -> None:
-        if self.pager is None:
+        if self.d is None:
             return
-        pager = self.pager
-        assert pager.waiting == len(self.pending)
-        for _, names in self.pending:
-            assert not all(pager.is_resident(n) for n in names), f"{names}: a hit waits"
-        if not self.pending:
-            return
-        head = set(self.pending[0][1])  # FIFO: the oldest pending acquire is the head
-        missing = [n for n in head if not pager.is_resident(n)]
-        need = sum(self.charges[n] for n in missing)
-        own_reserve = sum(self.charges[n] for n in missing if pager.is_pinned(n))
-        evictable = sum(
-            self.charges[n]
-            for n in self.names
-            if pager.is_resident(n)
-            and pager.lease_count(n) == 0
-            and not pager.is_pinned(n)
-            and n not in head
-        )
-        free = (
-            pager.budget_bytes
-            - pager.resident_bytes
-            - (pager.pinned_reserve_bytes - own_reserve)
-            + evictable
-        )
-        assert need > free, f"{sorted(head)} waits although {free} >= {need} bytes could be made"
-
-    # ------------------------------------------------------------------ teardown
-
-    async def _close(self) -> None:
-        if self.pager is not None:
-            await self.pager.close()
-        tasks = [t for t, _ in self.pending]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for got in self.held:
-            got.release()
+        assert not self.d.pump(), "pumping again granted something: a wake-up was lost"
 
     def teardown(self) -> None:
-        try:
-            self.run(self._close())
-            self.run(self.loop.shutdown_asyncgens())
-        finally:
-            self.loop.close()
+        if self.d is None:
+            return
+        closed = ap.PagerClosed("closed")
+        self.apply(self.d.close(closed))
+        self.apply(self.d.end_flights(closed))
+        for ticket in self.held:
+            for e in ticket.entries:
+                self.d.release(e)
+        self.d.check()
+        assert self.d.inflight_bytes == self.d.resident_bytes == 0
 
 
-class AsyncioPagerMachine(PagerMachine):
-    new_loop = staticmethod(asyncio.new_event_loop)
-
-
-class UvloopPagerMachine(PagerMachine):
-    new_loop = staticmethod(uvloop.new_event_loop)
-
-
-TestPagerMachineAsyncio = AsyncioPagerMachine.TestCase
-TestPagerMachineAsyncio.settings = _SETTINGS
-TestPagerMachineUvloop = UvloopPagerMachine.TestCase
-TestPagerMachineUvloop.settings = _SETTINGS
+TestLedgerMachine = LedgerMachine.TestCase
+TestLedgerMachine.settings = _SETTINGS

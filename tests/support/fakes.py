@@ -80,23 +80,11 @@ def eio() -> OSError:
 
 
 def assert_invariants(pager: ap.Pager, *, closed: bool = False) -> None:
-    """The accounting is exact: resident bytes are the sum of resident tensors'
-    charges, the budget holds, and (unless loads are legitimately running) nothing
-    is in flight or waiting."""
-    resident = [n for n in pager.tensors if pager.is_resident(n)]
-    assert pager.resident_bytes == sum(pager.charge_of(n) for n in resident), repr(pager)
-    assert pager.resident_count == len(resident)
-    assert pager.resident_bytes + pager.inflight_bytes <= pager.budget_bytes, repr(pager)
-    held = pager.resident_bytes + pager.inflight_bytes + pager.row_bytes
-    assert held + pager.pool_idle_bytes <= pager.budget_bytes, repr(pager)
-    pinned_absent = sum(
-        pager.charge_of(n)
-        for n in pager.tensors
-        if pager.is_pinned(n) and not pager.is_resident(n) and not pager.is_loading(n)
-    )
-    assert pager.pinned_reserve_bytes == pinned_absent
-    for n in resident:
-        assert pager.lease_count(n) >= 0
+    """Every invariant of the pager's ledger holds (``Ledger.check``: exact
+    accounting, the budget, the policy, the pins, the queue), with the idle pool
+    counted against the budget; and, for a closed pager, nothing is in flight or
+    waiting."""
+    pager._ledger.check(pager.pool_idle_bytes)
     if closed:
         assert pager.waiting == 0
         assert pager.loads_in_flight == 0

@@ -1,18 +1,8 @@
-"""Budget bookkeeping and eviction policies: plain synchronous code on plain data.
+"""Eviction policies and the eviction plan: plain synchronous code on plain data.
 
-Accounting invariant (holds between any two statements that can yield):
-
-    resident_bytes + inflight_bytes + pool_idle_bytes + pinned_reserve_bytes <= budget_bytes
-    whenever pinned_reserve_bytes was reserved without overcommitting, and always
-    resident_bytes + inflight_bytes <= budget_bytes
-
-where ``resident_bytes`` is the sum of the charges of resident tensors (leased or
-not), ``inflight_bytes`` the charges of loads reserved and not finished, and
-``pinned_reserve_bytes`` the charges of pinned tensors that are neither resident nor
-in flight (their room is kept for them). A tensor is evictable exactly when it is
-resident, has no lease and is not pinned; only evictable tensors are ever in a
-policy. Nothing here awaits, so a decision and its commit are one atomic step on
-the event loop thread.
+Invariant: a policy holds exactly the evictable entries (resident, no lease, not
+pinned), and ``evictable_bytes`` is the sum of their charges; the ledger
+(``_ledger.py``) adds and removes them as their state changes and checks both.
 """
 
 from __future__ import annotations
@@ -21,67 +11,18 @@ import abc
 import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from .._tensor import TensorInfo
+from ._records import Entry
 from ._schedule import NEVER, Schedule
 
-if TYPE_CHECKING:
-    from ._flight import LoadFlight
-
 __all__ = [
-    "Entry",
     "EvictionPolicy",
     "LruPolicy",
     "SchedulePolicy",
+    "distance_guard",
     "make_policy",
     "plan_evictions",
 ]
-
-
-class Entry:
-    """The pager's record of one tensor."""
-
-    __slots__ = (
-        "array",
-        "block",
-        "charge",
-        "checksum",
-        "flight",
-        "info",
-        "layer",
-        "leases",
-        "name",
-        "pinned",
-        "prefetched",
-    )
-
-    def __init__(self, info: TensorInfo, charge: int) -> None:
-        self.info = info
-        self.name = info.name
-        self.layer = info.layer
-        self.charge = charge
-        self.array: np.ndarray[Any, Any] | None = None  # set while resident
-        self.block: np.ndarray[Any, Any] | None = None
-        self.flight: LoadFlight | None = None  # set while a load is in flight
-        self.leases = 0
-        self.pinned = False
-        self.prefetched = False  # loaded by a prefetch and not used since
-        self.checksum: int | None = None
-
-    @property
-    def resident(self) -> bool:
-        return self.array is not None
-
-    @property
-    def evictable(self) -> bool:
-        return self.array is not None and self.leases == 0 and not self.pinned
-
-    def __repr__(self) -> str:
-        state = "resident" if self.array is not None else "loading" if self.flight else "absent"
-        return f"<Entry {self.name} {state} leases={self.leases} pinned={self.pinned}>"
 
 
 class EvictionPolicy(abc.ABC):
@@ -109,6 +50,10 @@ class EvictionPolicy(abc.ABC):
     @abc.abstractmethod
     def __len__(self) -> int: ...
 
+    @abc.abstractmethod
+    def members(self) -> list[Entry]:
+        """Every entry held, in no particular order (for invariant checks)."""
+
 
 class LruPolicy(EvictionPolicy):
     """Least recently released first. O(1) add/remove."""
@@ -127,6 +72,9 @@ class LruPolicy(EvictionPolicy):
 
     def victims(self) -> Iterator[Entry]:
         return iter(list(self._order.values()))
+
+    def members(self) -> list[Entry]:
+        return list(self._order.values())
 
     def __len__(self) -> int:
         return len(self._order)
@@ -166,10 +114,7 @@ class SchedulePolicy(EvictionPolicy):
 
     def reclassify(self) -> None:
         """Re-bucket every entry after the schedule itself was replaced."""
-        entries = [
-            *self._outside.values(),
-            *(e for b in self._by_layer.values() for e in b.values()),
-        ]
+        entries = self.members()
         self._outside.clear()
         self._by_layer.clear()
         self._count = 0
@@ -191,6 +136,9 @@ class SchedulePolicy(EvictionPolicy):
 
     def __len__(self) -> int:
         return self._count
+
+    def members(self) -> list[Entry]:
+        return [*self._outside.values(), *(e for b in self._by_layer.values() for e in b.values())]
 
 
 def make_policy(name: str, schedule: Callable[[], Schedule]) -> EvictionPolicy:

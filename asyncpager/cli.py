@@ -779,6 +779,11 @@ def _checkpoint_budget(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.compare and is_url(args.model):  # refused before the paged run, not after
+        raise UsageError(
+            "--compare loads the reference with transformers from a local directory: "
+            "give the checkpoint's local copy (the --cache-dir chunks are not one)"
+        )
     args.remote = _remote_options(args)
     args.budget_bytes = _checkpoint_budget(args)
     try:

@@ -138,6 +138,8 @@ def compare(args: argparse.Namespace, r: GenerateReport) -> tuple[bool, str]:
         "--torch-threads",
         str(r.torch_threads),
     ]
+    if args.dtype is not None:  # the same compute dtype as the paged run
+        cmd += ["--dtype", args.dtype]
     if args.seed is not None:
         cmd += ["--seed", str(args.seed)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -168,6 +170,10 @@ def run_generate(args: argparse.Namespace, run: Any) -> int:
         report: GenerateReport = run(generate_streaming(args, sys.stdout), args.loop)
     except CheckpointMismatch as exc:
         raise CliModelError(str(exc)) from exc
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")  # "interrupted" goes on its own line, not after the text
+        sys.stdout.flush()
+        raise
     sys.stdout.write("\n")
     for line in describe(report):
         print(line)

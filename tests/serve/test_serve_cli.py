@@ -7,6 +7,7 @@ with a 400 that says so. One event loop: the server is a subprocess."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,7 +75,8 @@ def test_an_empty_key_file_or_both_options_are_one_line_exit_2(
     empty.write_text("")
     model = tiny_models("llama")
     line = assert_one_line_error(run_cli("serve", model, "--api-key-file", empty, cwd=tmp_path), 2)
-    assert line.startswith("asyncpager serve: error:") and "holds no key" in line
+    assert line.startswith("asyncpager serve: error:")
+    assert "holds no key" in line
     both = run_cli("serve", model, "--api-key", "k", "--api-key-file", empty, cwd=tmp_path)
     assert "not allowed with" in assert_one_line_error(both, 2)
 
@@ -85,8 +87,8 @@ async def test_the_key_from_the_environment_guards_the_server(
 ) -> None:
     monkeypatch.setenv("ASYNCPAGER_API_KEY", KEY)
     with Served(tiny_models("llama"), "-q") as server:
-        with open(f"/proc/{server.proc.pid}/cmdline", "rb") as f:
-            assert KEY.encode() not in f.read()
+        cmdline = await asyncio.to_thread(Path(f"/proc/{server.proc.pid}/cmdline").read_bytes)
+        assert KEY.encode() not in cmdline
         async with aiohttp.ClientSession() as s:
             async with s.get(f"{server.url}/v1/models") as r:
                 assert r.status == 401
@@ -122,10 +124,12 @@ async def test_serve_takes_a_url_and_says_when_chat_has_no_template(
                     model="tiny", messages=[{"role": "user", "content": "hi"}]
                 )
         assert server.stop() == 0, server.stderr_text
-    assert done.usage is not None and done.usage.completion_tokens == len(expected)
+    assert done.usage is not None
+    assert done.usage.completion_tokens == len(expected)
     assert done.choices[0].text == _decode(local, expected)
     error = refused.value.body
-    assert isinstance(error, dict) and error["code"] == "no_chat_template"
+    assert isinstance(error, dict)
+    assert error["code"] == "no_chat_template"
     assert "has no chat template" in error["message"]
     assert any(cache.rglob("*.chunk"))
     assert f"disk cache {cache}" in server.stderr_text  # the ready summary
@@ -137,4 +141,3 @@ def _decode(path: Path, ids: list[int]) -> str:
 
     text: str = AutoTokenizer.from_pretrained(path).decode(ids, skip_special_tokens=True)
     return text
-

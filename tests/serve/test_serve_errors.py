@@ -261,7 +261,7 @@ async def test_stalled_bodies_are_not_admitted_and_time_out(served: Served) -> N
     stalled = [await _stall_body(served.url) for _ in range(4)]  # twice --max-concurrency
     try:
         async with asyncio.timeout(20):
-            while (await health(served.url))["requests_reading"] < 4:
+            while (await health(served.url))["requests_reading"] < 4:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)  # polling a subprocess: no event to wait on
         state = await health(served.url)
         assert state["requests_in_progress"] == 0

@@ -48,8 +48,6 @@ from .tools.report import (
     format_index,
     format_table,
     layer_of_tensor,
-    load_overlap,
-    token_starts,
 )
 from .tools.synth import write_synthetic_gguf
 
@@ -198,15 +196,22 @@ class RunOutcome:
     direct_io_active: bool = False
 
     def load_overlap(self) -> float | None:
-        """Share of load time under compute over the measured tokens (not the warm-up)."""
-        starts = token_starts(self.events, self.schedule[0]) if self.schedule else []
-        return load_overlap(self.events, since=starts[1] if len(starts) > 1 else 0.0)
+        """The share of the measured decode time *not* spent waiting for weights: the
+        complement of the table's stall column, from the same measurement (the layers,
+        the embedding row gathers and the head's row blocks all count); None when
+        nothing was read."""
+        if self.result.bytes_per_token == 0:
+            return None
+        return 1.0 - self.result.stall_fraction
 
     def overlap_text(self) -> str:
         overlap = self.load_overlap()
         if overlap is None:
             return "no loads"
-        return f"{overlap:.0%} of load time under compute"
+        return (
+            f"{overlap:.1%} of the decode time computing with loads hidden behind it, "
+            f"{self.result.stall_fraction:.1%} waiting for weights (the stall column)"
+        )
 
     def picture(self, index: ModelIndex, note: str = "") -> RunPicture:
         return RunPicture(
@@ -468,7 +473,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     plotted: str | None = None
     if plot is not None:
         if matplotlib_available():
-            note = f"{outcome.result.tokens_per_s:.1f} tokens/s, {overlap_text}"
+            note = f"{outcome.result.tokens_per_s:.1f} tokens/s, stall {outcome.result.stall_fraction:.1%}"
             plot_runs(
                 [outcome.picture(index, note)],
                 plot,
@@ -546,7 +551,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if matplotlib_available():
             pictures = []
             for o in outcomes:
-                note = f"{o.result.tokens_per_s:.1f} tokens/s, {o.overlap_text()}"
+                note = f"{o.result.tokens_per_s:.1f} tokens/s, stall {o.result.stall_fraction:.1%}"
                 pictures.append(o.picture(index, note))
             plot_runs(
                 pictures,

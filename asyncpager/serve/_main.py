@@ -72,7 +72,7 @@ def add_arguments(
                    help="seconds a request has to send its whole body, 408 after; a request "
                    "counts against --max-concurrency only once its body is in "
                    "(default: %(default)g)")  # fmt: skip
-    p.add_argument("--shutdown-timeout", type=positive_seconds, default=10.0, metavar="S",
+    p.add_argument("--shutdown-timeout", type=nonneg_seconds, default=10.0, metavar="S",
                    help="seconds requests in progress get at shutdown "
                    "(default: %(default)g)")  # fmt: skip
     p.add_argument("--model-name", default=None,
@@ -111,14 +111,23 @@ def dtype_arg(text: str) -> str:
     )
 
 
-def positive_seconds(text: str) -> float:
+def _seconds(text: str, *, zero: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    if not (value >= 0 if zero else value > 0) or value == float("inf"):
+        bound = "at least 0" if zero else "more than 0"
+        raise argparse.ArgumentTypeError(f"must be {bound} seconds, not {text}")
     return value
+
+
+def positive_seconds(text: str) -> float:
+    return _seconds(text, zero=False)
+
+
+def nonneg_seconds(text: str) -> float:
+    return _seconds(text, zero=True)
 
 
 def api_key(args: argparse.Namespace) -> str | None:

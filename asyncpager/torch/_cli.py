@@ -5,6 +5,7 @@ torch, so the CLI imports it only for ``generate``)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from typing import Any, TextIO
 
 from .._sizes import format_size
 from ..tools.report import format_duration
+from ..tools.startup import opening, ready_summary
 from ._lm import ForwardStats, PagedCausalLM
 from ._skeleton import CheckpointMismatch
 
@@ -43,16 +45,27 @@ class GenerateReport:
 async def generate_streaming(args: argparse.Namespace, out: TextIO) -> GenerateReport:
     """Open the model, stream the text of ``args.prompt`` to ``out`` as it is made."""
     budget: int = args.budget_bytes
-    async with PagedCausalLM.open(
-        args.model,
-        budget_bytes=budget,
-        prefetch_depth=args.prefetch,
-        policy=args.policy,
-        dtype=args.dtype,
-        torch_threads=args.torch_threads,
-        direct_io=args.direct_io,
-        **getattr(args, "remote", {}),
-    ) as lm:
+    remote: dict[str, Any] = getattr(args, "remote", {})
+    quiet = bool(getattr(args, "quiet", False))
+    async with contextlib.AsyncExitStack() as stack:
+        async with opening("asyncpager generate", f"opening {args.model}", quiet=quiet):
+            lm = await stack.enter_async_context(
+                PagedCausalLM.open(
+                    args.model,
+                    budget_bytes=budget,
+                    prefetch_depth=args.prefetch,
+                    policy=args.policy,
+                    dtype=args.dtype,
+                    torch_threads=args.torch_threads,
+                    direct_io=args.direct_io,
+                    **remote,
+                )
+            )
+        if not quiet:
+            summary = ready_summary(
+                lm, model=str(args.model), remote=remote, pinned_bytes=lm.pager.resident_bytes
+            )
+            print(summary, file=sys.stderr, flush=True)
         tok = lm.tokenizer
         if tok is None:
             raise CliModelError(f"{args.model}: no tokenizer files, so no --prompt text")

@@ -204,6 +204,10 @@ class RunOutcome:
             return None
         return 1.0 - self.result.stall_fraction
 
+    def note(self) -> str:
+        """The picture's caption: speed and the table's stall."""
+        return f"{self.result.tokens_per_s:.1f} tokens/s, stall {self.result.stall_fraction:.1%}"
+
     def overlap_text(self) -> str:
         overlap = self.load_overlap()
         if overlap is None:
@@ -473,7 +477,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     plotted: str | None = None
     if plot is not None:
         if matplotlib_available():
-            note = f"{outcome.result.tokens_per_s:.1f} tokens/s, stall {outcome.result.stall_fraction:.1%}"
+            note = outcome.note()
             plot_runs(
                 [outcome.picture(index, note)],
                 plot,
@@ -551,7 +555,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if matplotlib_available():
             pictures = []
             for o in outcomes:
-                note = f"{o.result.tokens_per_s:.1f} tokens/s, stall {o.result.stall_fraction:.1%}"
+                note = o.note()
                 pictures.append(o.picture(index, note))
             plot_runs(
                 pictures,

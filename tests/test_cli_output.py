@@ -142,3 +142,25 @@ def test_ctrl_c_leaves_the_streamed_text_on_its_own_line(
     with pytest.raises(KeyboardInterrupt):
         run_generate(_generate_args(tmp_path, quiet=True, budget_bytes=1), interrupted)
     assert capsys.readouterr().out == "streamed text\n"
+
+
+@pytest.mark.slow  # four runs, two of them in fresh processes importing torch
+@pytest.mark.timeout(600)
+def test_compare_runs_in_the_paged_runs_dtype_interleaved_with_a_spread(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from asyncpager.cli import _run
+    from asyncpager.torch._cli import run_generate
+    from tests.support.tinylm import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "llama", "llama")
+    args = _generate_args(path, quiet=True, compare=True, dtype="bfloat16")
+    assert run_generate(args, _run) == 0  # 1: the tokens are identical in bfloat16
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("fully loaded (subprocess): ")
+    assert line.endswith("tokens identical")
+    full = line.split(": ", 1)[1].split(" tokens/s", 1)[0].split(", ")
+    paged = line.split("; paged ", 1)[1].split(" tokens/s", 1)[0].split(", ")
+    assert (len(full), len(paged)) == (2, 2)  # two runs of each side
+    assert "(runs interleaved)" in line
+    assert "(pairs " in line

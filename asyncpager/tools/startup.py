@@ -3,9 +3,10 @@
 Opening reads the index (over the network for a URL), converts the checkpoint into a
 model skeleton and loads the pinned tensors, which can take a minute on a cold store:
 :func:`opening` keeps a progress line with the phase and the seconds elapsed on a
-terminal (a plain line otherwise; nothing with ``quiet``), redrawn by an owned task
-that ends with the phase. :func:`ready_summary` is the one paragraph printed after:
-model, dtype, budget, what is pinned, the process's memory, the cache in use.
+terminal (nothing otherwise, nor with ``quiet``: logs and error output stay
+one-line), redrawn by an owned task that ends with the phase. :func:`ready_summary`
+is the one paragraph printed after: model, dtype, budget, what is pinned, the
+process's memory, the cache in use.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ async def opening(
 ) -> AsyncIterator[None]:
     """Show ``label: phase (N s)`` while the body runs (redrawn every half second on
     a terminal by the task ``asyncpager:progress``); the line is erased at the end."""
-    progress = Progress(label, 1, stream=stream or sys.stderr, enabled=not quiet)
+    out = stream or sys.stderr
+    progress = Progress(label, 1, stream=out, enabled=not quiet and out.isatty())
     progress.note(phase)
     t0 = time.monotonic()
 

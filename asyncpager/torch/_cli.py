@@ -63,14 +63,14 @@ async def generate_streaming(args: argparse.Namespace, out: TextIO) -> GenerateR
                     **remote,
                 )
             )
+        tok = lm.tokenizer
+        if tok is None:
+            raise CliModelError(f"{args.model}: no tokenizer files, so no --prompt text")
         if not quiet:
             summary = ready_summary(
                 lm, model=str(args.model), remote=remote, pinned_bytes=lm.pager.resident_bytes
             )
             print(summary, file=sys.stderr, flush=True)
-        tok = lm.tokenizer
-        if tok is None:
-            raise CliModelError(f"{args.model}: no tokenizer files, so no --prompt text")
         ids: list[int] = list(tok(args.prompt).input_ids)
         pinned = lm.pager.resident_bytes
         lm.pager.stats(reset=True)

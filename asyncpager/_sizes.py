@@ -16,7 +16,15 @@ import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
-__all__ = ["Budget", "Size", "as_bytes", "format_size", "parse_budget", "parse_size"]
+__all__ = [
+    "Budget",
+    "Size",
+    "as_bytes",
+    "format_mib",
+    "format_size",
+    "parse_budget",
+    "parse_size",
+]
 
 _UNITS: dict[str, int] = {
     "": 1,
@@ -78,7 +86,7 @@ class Budget:
     def describe(self, layer_bytes: int) -> str:
         text = format_size(self.resolve(layer_bytes))
         if self.share is not None:
-            text += f" ({self.share:.0%} of the layers)"
+            text += f" ({self.share:.0%} of the model's weights)"
         return text
 
 
@@ -155,3 +163,10 @@ def format_size(nbytes: float) -> str:
             return f"{value:.1f} {unit}" if abs(value) >= 10 else f"{value:.2f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def format_mib(nbytes: int, *, up: bool = False) -> str:
+    """``nbytes`` in MiB with two decimals, as ``--budget`` takes it (``up``: rounded
+    up, for a minimum that must be enough)."""
+    hundredths = -(-nbytes * 100 // (1 << 20)) if up else round(nbytes * 100 / (1 << 20))
+    return f"{hundredths / 100:.2f}MiB"

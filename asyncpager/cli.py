@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import difflib
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Coroutine, Sequence
@@ -33,9 +35,10 @@ from typing import Any, NoReturn, TypeVar
 from . import __version__
 from ._errors import BudgetExceeded, FormatError, SourceError
 from ._open import open as open_model
-from ._sizes import Budget, format_size, parse_budget, parse_size
+from ._sizes import Budget, format_mib, format_size, parse_budget, parse_size
 from .formats import ModelIndex, read_index
 from .formats._open import is_url
+from .serve._main import DTYPES, dtype_arg
 from .tools.decode import DecodeResult, decode_ends, run_decode
 from .tools.plot import RunPicture, matplotlib_available, plot_path_problem, plot_runs
 from .tools.report import (
@@ -45,8 +48,6 @@ from .tools.report import (
     format_index,
     format_table,
     layer_of_tensor,
-    load_overlap,
-    token_starts,
 )
 from .tools.synth import write_synthetic_gguf
 
@@ -70,21 +71,30 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``asyncpager bench: error: ... (see --help)``."""
 
     def error(self, message: str) -> NoReturn:
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice is not None:
+            given, offered = choice.group(1), re.findall(r"'([^']*)'", choice.group(2))
+            close = difflib.get_close_matches(given, offered, n=1, cutoff=0.6)
+            message += f" (did you mean {close[0]}?)" if close else ""
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 # ---------------------------------------------------------------------- argument types
 
 
-def _layer_bytes(index: ModelIndex) -> int:
-    return sum(index.tensors[n].nbytes for names in index.layers.values() for n in names)
+def _weight_bytes(index: ModelIndex) -> int:
+    """What ``--budget N%`` is a share of, for every command: all the model's weights."""
+    return index.nbytes
 
 
 def _budget_arg(text: str) -> Budget:
     try:
-        return parse_budget(text)
+        budget = parse_budget(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if budget.nbytes == 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 bytes, not {text!r}")
+    return budget
 
 
 def _size_arg(text: str) -> int:
@@ -186,15 +196,26 @@ class RunOutcome:
     direct_io_active: bool = False
 
     def load_overlap(self) -> float | None:
-        """Share of load time under compute over the measured tokens (not the warm-up)."""
-        starts = token_starts(self.events, self.schedule[0]) if self.schedule else []
-        return load_overlap(self.events, since=starts[1] if len(starts) > 1 else 0.0)
+        """The share of the measured decode time *not* spent waiting for weights: the
+        complement of the table's stall column, from the same measurement (the layers,
+        the embedding row gathers and the head's row blocks all count); None when
+        nothing was read."""
+        if self.result.bytes_per_token == 0:
+            return None
+        return 1.0 - self.result.stall_fraction
+
+    def note(self) -> str:
+        """The picture's caption: speed and the table's stall."""
+        return f"{self.result.tokens_per_s:.1f} tokens/s, stall {self.result.stall_fraction:.1%}"
 
     def overlap_text(self) -> str:
         overlap = self.load_overlap()
         if overlap is None:
             return "no loads"
-        return f"{overlap:.0%} of load time under compute"
+        return (
+            f"{overlap:.1%} of the decode time computing with loads hidden behind it, "
+            f"{self.result.stall_fraction:.1%} waiting for weights (the stall column)"
+        )
 
     def picture(self, index: ModelIndex, note: str = "") -> RunPicture:
         return RunPicture(
@@ -229,8 +250,9 @@ async def _decode(
         largest = max(sum(pager.charge_of(n) for n in names) for names in pager.layers.values())
         if largest > config.budget_bytes:
             raise UsageError(
-                f"a budget of {format_size(config.budget_bytes)} is smaller than the largest "
-                f"layer ({format_size(largest)}), which must fit whole: raise --budget"
+                f"a budget of {format_mib(config.budget_bytes)} is smaller than the largest layer, "
+                f"which must fit whole: --budget {format_mib(largest, up=True)} is the least that "
+                "would work"
             )
         progress.total = total
         progress.note("warming up (1 token)")
@@ -309,7 +331,7 @@ def _read_index(args: argparse.Namespace) -> ModelIndex:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     index = _read_index(args)
-    budget = None if args.budget is None else args.budget.resolve(_layer_bytes(index))
+    budget = None if args.budget is None else args.budget.resolve(_weight_bytes(index))
     if args.json:
         print(json.dumps(describe_index(index, largest=args.top, budget=budget), indent=2))
     else:
@@ -326,7 +348,7 @@ def _bench_config(args: argparse.Namespace, index: ModelIndex, trace: bool) -> R
     label = f"prefetch {args.prefetch}, {args.policy}"
     return RunConfig(
         label=label,
-        budget_bytes=args.budget.resolve(_layer_bytes(index)),
+        budget_bytes=args.budget.resolve(_weight_bytes(index)),
         prefetch=args.prefetch,
         policy=args.policy,
         tokens=args.tokens,
@@ -347,7 +369,7 @@ def _bench_header(args: argparse.Namespace, index: ModelIndex, outcome: RunOutco
     embedding, head = decode_ends(index.tensors) if not args.layers_only else (None, None)
     ends = ""
     if embedding is not None and head is not None:
-        budget = args.budget.resolve(_layer_bytes(index))
+        budget = args.budget.resolve(_weight_bytes(index))
         big = [n for n in dict.fromkeys((embedding, head)) if index.tensors[n].nbytes > budget]
         ends = (
             f"\neach token: one row of {embedding} (acquire_rows), the layers, then "
@@ -357,7 +379,7 @@ def _bench_header(args: argparse.Namespace, index: ModelIndex, outcome: RunOutco
     return (
         f"{index.path}: {index.format}, {len(index.tensors)} tensors, "
         f"{len(index.layers)} layers, {format_size(index.nbytes)} of weights\n"
-        f"budget {args.budget.describe(_layer_bytes(index))}, {args.tokens} tokens × "
+        f"budget {args.budget.describe(_weight_bytes(index))}, {args.tokens} tokens × "
         f"{len(index.layers)} layers × {args.compute_ms:g} ms {args.compute}, "
         f"loop {loop}, {io}{ends}"
     )
@@ -404,7 +426,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
+    from .serve._main import api_key
 
+    try:
+        args.api_key = api_key(args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    args.remote = _remote_options(args)
     args.budget = _checkpoint_budget(args)
     code = _run(serve(args), args.loop)
     # Everything is closed by now; the interpreter's own teardown with torch and
@@ -449,7 +477,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     plotted: str | None = None
     if plot is not None:
         if matplotlib_available():
-            note = f"{outcome.result.tokens_per_s:.1f} tokens/s, {overlap_text}"
+            note = outcome.note()
             plot_runs(
                 [outcome.picture(index, note)],
                 plot,
@@ -527,7 +555,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if matplotlib_available():
             pictures = []
             for o in outcomes:
-                note = f"{o.result.tokens_per_s:.1f} tokens/s, {o.overlap_text()}"
+                note = o.note()
                 pictures.append(o.picture(index, note))
             plot_runs(
                 pictures,
@@ -552,6 +580,12 @@ def _option(
         name, type=kind, default=default, metavar=metavar, help=f"{text} (default: %(default)s)"
     )
 
+
+_BUDGET_HELP = (
+    "RAM for weights: a size (512MiB, 2GiB, 1.5GB, 4096, 64k) or a share of the "
+    "model's weights, all its tensors (50%%: half the bytes inspect reports), the same "
+    "for every command"
+)
 
 _MODEL_HELP = (
     "a GGUF or safetensors file, a sharded checkpoint, or the URL of one in object "
@@ -603,8 +637,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         _budget_arg,
         "50%",
         "SIZE|N%",
-        "RAM for weights: a size (512MiB, 2GiB, 1.5GB, 4096, 64k) or a share of the "
-        "bytes of the model's layers",
+        _BUDGET_HELP,
     )
     _add_paging_options(p)
     _option(p, "--compute-ms", _nonneg_float, 5.0, "MS", "compute per layer, in milliseconds")
@@ -644,7 +677,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 _EPILOG = """\
 sizes: KiB/MiB/GiB/TiB are powers of 1024, kB/MB/GB/TB powers of 1000, a bare
   k/m/g/t is a power of 1024 (as dd reads it), no unit is bytes: 512MiB, 2GiB,
-  1.5GB, 4096, 64k. --budget also takes a share of the model's layers: 50%.
+  1.5GB, 4096, 64k. --budget also takes a share of the model's weights (all its
+  tensors, the size inspect reports), in every command: 50%.
 exit codes: 0 done, 1 a missing, unreadable or malformed file, 2 a bad argument,
   130 interrupted. uvloop is used when installed; --loop asyncio forces asyncio.
 """
@@ -739,7 +773,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the budget, behind /v1/completions, /v1/chat/completions, /v1/models, "
         "/metrics and /healthz (needs the 'server' extra).",
     )
-    add_serve_arguments(p, _size_arg, _positive_int, _nonneg_int)
+    add_serve_arguments(p, _size_arg, _positive_int, _nonneg_int, budget=_budget_arg)
+    _add_remote_options(p, cache=True)
     p.set_defaults(func=cmd_serve)
     return parser
 
@@ -748,15 +783,16 @@ def _checkpoint_budget(args: argparse.Namespace) -> int:
     """``--budget`` of ``generate``/``serve``: a size, or a share of the checkpoint's
     bytes (``50%``). Reads the index first, so a missing or malformed checkpoint
     fails here, before torch is imported."""
-    index = _read_index(args)
-    budget = args.budget.strip()
-    try:
-        return parse_budget(budget).resolve(index.nbytes)
-    except ValueError as exc:
-        raise UsageError(f"bad --budget {budget!r}: {exc}") from None
+    budget: Budget = args.budget
+    return budget.resolve(_weight_bytes(_read_index(args)))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.compare and is_url(args.model):  # refused before the paged run, not after
+        raise UsageError(
+            "--compare loads the reference with transformers from a local directory: "
+            "give the checkpoint's local copy (the --cache-dir chunks are not one)"
+        )
     args.remote = _remote_options(args)
     args.budget_bytes = _checkpoint_budget(args)
     try:
@@ -785,14 +821,14 @@ def _add_generate(sub: Any) -> None:
         help="a checkpoint directory (config.json + safetensors), or its URL in object "
         "storage (s3://, gs://, az://, https://)",
     )
-    _option(p, "--budget", str, "50%", "SIZE|N%", "RAM for weights, pinned ones included")
+    _option(p, "--budget", _budget_arg, "50%", "SIZE|N%", _BUDGET_HELP + ", pinned ones included")
     _option(p, "--prompt", str, "The capital of France is", "TEXT", "the prompt")
     _option(p, "--max-new-tokens", _nonneg_int, 32, "N", "tokens to generate at most")
     _add_paging_options(p)
     _option(p, "--temperature", _nonneg_float, 0.0, "T", "0 is greedy")
     _option(p, "--top-p", _positive_float, 1.0, "P", "nucleus sampling share")
     _option(p, "--seed", int, None, "N", "sampling seed")
-    _option(p, "--dtype", str, None, "DTYPE", "compute dtype (float32, bfloat16...)")
+    _option(p, "--dtype", dtype_arg, None, "DTYPE", f"compute dtype: {', '.join(DTYPES)}")
     _option(p, "--torch-threads", _positive_int, None, "N", "torch threads (default: torch's)")
     p.add_argument("--direct-io", action="store_true", help="read with O_DIRECT")
     _add_remote_options(p, cache=True)
@@ -818,10 +854,33 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """``unrecognized arguments: --budgt 5 (did you mean --budget?)``."""
+    options = [o for action in parser._actions for o in action.option_strings]
+    hints = []
+    for extra in extras:
+        if extra.startswith("-"):
+            close = difflib.get_close_matches(extra.split("=", 1)[0], options, n=1, cutoff=0.6)
+            hints += [f"did you mean {close[0]}?"] if close else []
+    text = f"unrecognized arguments: {' '.join(extras)}"
+    return text + (f" ({'; '.join(hints)})" if hints else "")
+
+
+def _parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Every argument error, through one path: the command's parser prints one line
+    naming the command, with a "did you mean" for a misspelt option, and exits 2."""
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        command: argparse.ArgumentParser = subparsers.choices[args.command]
+        command.error(_unrecognized(command, extras))
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 1 file error, 2 usage)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse_args(parser, argv)
     logging.basicConfig(level=logging.WARNING, format=f"{_PROG}: %(message)s")
     handler: Callable[[argparse.Namespace], int] = args.func
     try:

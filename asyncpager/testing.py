@@ -36,6 +36,7 @@ from .sources._source import Source
 from .tools.synth import write_synthetic_gguf
 
 __all__ = [
+    "GEMMA_CHAT_TEMPLATE",
     "Fault",
     "FaultySource",
     "cache_dir",
@@ -65,6 +66,53 @@ def gemma_gguf() -> Path:
         return Path(gemma.assemble(target, overwrite=True))
 
 
+#: Gemma 3's chat template (the instruction-tuned checkpoints' ``tokenizer_config.json``;
+#: the GGUF carries none), so chat works on :func:`gemma_checkpoint`.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    '    {%- set first_user_prefix = "" -%}\n'
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    '        {{ raise_exception("Conversation roles must alternate '
+    'user/assistant/user/assistant/...") }}\n'
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    '        {%- set role = "model" -%}\n'
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    '        {{ raise_exception("Invalid content type") }}\n'
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\n'}}\n"
+    "{%- endif -%}\n"
+)
+
+
 _GEMMA_DTYPES = ("float32", "bfloat16")
 
 
@@ -85,6 +133,7 @@ def gemma_checkpoint(dtype: str = "float32") -> Path:
         raise ValueError(f"dtype must be one of {_GEMMA_DTYPES}, not {dtype!r}")
     target = cache_dir() / f"gemma-3-270m-{dtype}"
     if (target / "config.json").is_file():
+        _add_chat_template(target)  # a checkpoint built before the template was added
         return target
     gguf = gemma_gguf()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -104,6 +153,19 @@ def gemma_checkpoint(dtype: str = "float32") -> Path:
     return target
 
 
+def _add_chat_template(checkpoint: Path) -> None:
+    """Write ``chat_template.jinja`` (where transformers reads a tokenizer's chat
+    template) if missing; atomically, for concurrent callers."""
+    path = checkpoint / "chat_template.jinja"
+    if path.is_file():
+        return
+    fd, tmp = tempfile.mkstemp(prefix=".chat_template.", dir=checkpoint)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(GEMMA_CHAT_TEMPLATE)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
 def _convert_gemma(gguf: Path, out: Path, dtype: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -120,6 +182,7 @@ def _convert_gemma(gguf: Path, out: Path, dtype: str) -> None:
     model.is_quantized = False
     model.save_pretrained(os.fspath(out))
     tokenizer = AutoTokenizer.from_pretrained(os.fspath(gguf.parent), gguf_file=gguf.name)
+    tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
     tokenizer.save_pretrained(os.fspath(out))
 
 

@@ -3,7 +3,9 @@ scheduler, plus /metrics and /healthz.
 
 Every error, including 404, 405, 413 and anything unexpected, is answered as an
 OpenAI error object ``{"error": {"message", "type", "param", "code"}}`` (never a
-traceback). Over ``max_concurrency`` requests in progress → 429 with
+traceback). A generation request's body is read (within ``body_timeout``, else 408)
+and parsed *before* it is counted against ``max_concurrency``, so stalled bodies
+cannot lock other clients out; over ``max_concurrency`` requests in progress → 429 with
 ``Retry-After``; while draining for shutdown → 503 with ``Retry-After``; with an API
 key set, ``/v1/*`` needs ``Authorization: Bearer KEY`` (401 otherwise;
 /healthz and /metrics stay open for probes and scrapers).
@@ -46,16 +48,19 @@ from ._protocol import (
     ChatRequest,
     CompletionRequest,
     GenerationParams,
+    decode_body,
     parse_chat,
     parse_completion,
     parse_json_object,
 )
-from ._scheduler import Finished, SequenceState, StepScheduler
+from ._scheduler import Finished, SamplingError, SequenceState, StepScheduler
 from ._text import TextStream
 
 __all__ = ["ServeConfig", "Server", "layer_leases", "make_app"]
 
 log = logging.getLogger("asyncpager.serve")
+#: One line per request at INFO: method, path, status, generated tokens, milliseconds.
+access = logging.getLogger("asyncpager.serve.access")
 
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -65,7 +70,7 @@ _ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 @dataclass(frozen=True, slots=True)
 class ServeConfig:
-    model: Path
+    model: Path | str
     budget_bytes: int
     host: str = "127.0.0.1"
     port: int = 8000
@@ -81,6 +86,8 @@ class ServeConfig:
     step_delay: float = 0.0
     dtype: str | None = None
     torch_threads: int | None = None
+    header_timeout: float = 30.0
+    body_timeout: float = 60.0
 
 
 def _eos_ids(lm: Any) -> frozenset[int]:
@@ -150,6 +157,7 @@ class Server:
             step_delay=config.step_delay,
         )  # fmt: skip
         self.in_progress = 0
+        self.reading = 0  # requests whose body is still arriving (not admitted yet)
         self.draining = False
         self.idle = asyncio.Event()
         self.idle.set()
@@ -235,6 +243,13 @@ class Server:
 
     def _tokenize(self, request: CompletionRequest | ChatRequest) -> list[int]:
         if isinstance(request, ChatRequest):
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise APIError(
+                    400, f"the checkpoint '{self.name}' has no chat template, so chat "
+                    "messages cannot be turned into a prompt: use /v1/completions with a "
+                    "prompt, or serve a checkpoint whose tokenizer has a chat template",
+                    param="messages", code="no_chat_template",
+                )  # fmt: skip
             try:
                 rendered = self.tokenizer.apply_chat_template(
                     list(request.messages), add_generation_prompt=True, tokenize=False
@@ -300,6 +315,7 @@ class Server:
                 return await reply.stream(request, seq, t0)
             return await reply.whole(seq, t0)
         finally:
+            request[TOKENS] = reply.completion_tokens
             if not seq.done:
                 self.scheduler.cancel(seq)
             self.m_finished.labels(reason=reply.reason).inc()
@@ -309,6 +325,19 @@ class Server:
         (self.m_ttft.observe(now - t0) if first else self.m_itl.observe(now - last))
         self.m_generated.inc()
         return now
+
+
+def _ended(error: BaseException, draining: bool) -> APIError:
+    """The answer to a generation ended by ``error``: 503 while shutting down, else
+    500 (``sampling_failed`` when its own sampling failed, its batch unaffected)."""
+    if draining:
+        code = "shutting_down"
+    else:
+        code = "sampling_failed" if isinstance(error, SamplingError) else "internal_error"
+    return APIError(
+        503 if draining else 500, f"the generation was ended: {error}",
+        type="server_error", code=code,
+    )  # fmt: skip
 
 
 @final
@@ -336,13 +365,7 @@ class _Reply:
             if isinstance(item, Finished):
                 if item.error is not None:
                     self.reason = "error"
-                    shutting = self.server.draining
-                    raise APIError(
-                        503 if shutting else 500,
-                        f"the generation was ended: {item.error}",
-                        type="server_error",
-                        code="shutting_down" if shutting else "internal_error",
-                    )
+                    raise _ended(item.error, self.server.draining)
                 self.reason = item.reason
                 yield self.text.finish()
                 return
@@ -444,6 +467,7 @@ def layer_leases(pager: Any) -> int:
 
 
 SERVER = web.AppKey("server", Server)
+TOKENS = "asyncpager.tokens"  # a request's generated tokens, for its access line
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -458,6 +482,7 @@ async def _errors_and_auth(request: web.Request, handler: Handler) -> web.Stream
     route = request.match_info.route.resource
     endpoint = route.canonical if route is not None else "other"
     status = 500
+    t0 = perf_counter()
     try:
         key = server.config.api_key
         if key is not None and request.path.startswith("/v1/"):
@@ -490,21 +515,48 @@ async def _errors_and_auth(request: web.Request, handler: Handler) -> web.Stream
         )
     finally:
         server.m_requests.labels(endpoint=endpoint, status=str(status)).inc()
+        access.info(
+            "%s %s %d %d tokens %.0f ms", request.method, request.path, status,
+            request.get(TOKENS, 0), (perf_counter() - t0) * 1000,
+        )  # fmt: skip
 
 
-async def _read_json(request: web.Request) -> dict[str, Any]:
-    body = await request.read()  # HTTPRequestEntityTooLarge over client_max_size
-    return await asyncio.to_thread(parse_json_object, body)
+async def _read_body(request: web.Request, config: ServeConfig) -> bytes:
+    """The whole body within ``body_timeout`` seconds, decoded per its
+    ``Content-Encoding`` (the server does not decode bodies itself, so a body that
+    does not decode is this request's 400, never an error on the connection).
+
+    Raises:
+        APIError: 408 when the body is not in by then; see :func:`decode_body`.
+        web.HTTPRequestEntityTooLarge: over ``client_max_size`` as sent (413).
+    """
+    try:
+        async with asyncio.timeout(config.body_timeout):
+            raw = await request.read()
+    except TimeoutError:
+        raise APIError(
+            408, f"the request body did not arrive within {config.body_timeout:g} s",
+            code="request_timeout", headers={"Connection": "close"},
+        ) from None  # fmt: skip
+    encoding = request.headers.get("Content-Encoding", "")
+    return await asyncio.to_thread(decode_body, raw, encoding, config.max_body_bytes)
 
 
 async def _admitted(
     request: web.Request, parse: Callable[[dict[str, Any]], Any]
 ) -> web.StreamResponse:
+    """Read and parse the body, *then* count the request in: a client that stalls its
+    body holds a connection, never one of the ``max_concurrency`` places."""
     server = request.app[SERVER]
+    server.reading += 1
+    try:
+        body = await _read_body(request, server.config)
+    finally:
+        server.reading -= 1
+    data = await asyncio.to_thread(parse_json_object, body)
     server.admit()
     try:
-        parsed = parse(await _read_json(request))
-        return await server.generate(request, parsed)
+        return await server.generate(request, parse(data))
     finally:
         server.release()
 
@@ -532,6 +584,7 @@ async def healthz(request: web.Request) -> web.Response:
         "status": "draining" if server.draining else "ok",
         "model": server.name,
         "requests_in_progress": server.in_progress,
+        "requests_reading": server.reading,
         "sequences_active": server.scheduler.active,
         "sequences_waiting": server.scheduler.waiting,
         "steps": server.scheduler.stats.steps,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, final
 
@@ -22,6 +23,7 @@ __all__ = [
     "ChatRequest",
     "CompletionRequest",
     "GenerationParams",
+    "decode_body",
     "error_body",
     "parse_chat",
     "parse_completion",
@@ -68,12 +70,54 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> API
     return APIError(400, message, param=param, code=code)
 
 
+# Content-Encoding → zlib's wbits for it (gzip header, zlib header; "deflate" in
+# HTTP is the zlib format, though some clients send raw deflate: 47 detects either).
+_ENCODINGS = {"gzip": 31, "x-gzip": 31, "deflate": 47}
+
+
+def decode_body(body: bytes, encoding: str, limit: int) -> bytes:
+    """The body as sent, decoded per its ``Content-Encoding`` (identity, gzip or
+    deflate), never more than ``limit`` bytes once decoded (a small gzip bomb stays
+    small).
+
+    Raises:
+        APIError: 400 for a body that does not decode as its encoding says, 413 over
+            ``limit`` once decoded, 415 for an encoding this server does not take.
+    """
+    name = encoding.strip().lower()
+    if name in ("", "identity"):
+        return body
+    wbits = _ENCODINGS.get(name)
+    if wbits is None:
+        raise APIError(
+            415, f"Content-Encoding {encoding!r} is not supported: send identity, gzip or "
+            "deflate", code="unsupported_encoding",
+        )  # fmt: skip
+    decoder = zlib.decompressobj(wbits)
+    try:
+        out = decoder.decompress(body, limit + 1)
+        if not decoder.eof and len(out) <= limit:
+            raise zlib.error("the compressed stream ends early")
+    except zlib.error as exc:
+        raise _bad(
+            f"the body does not decode as its Content-Encoding ({name}) says: {exc}",
+            code="invalid_encoding",
+        ) from None
+    if len(out) > limit:
+        raise APIError(
+            413, f"the request body is larger than {limit} bytes once decoded",
+            code="request_too_large",
+        )  # fmt: skip
+    return out
+
+
 def parse_json_object(body: bytes) -> dict[str, Any]:
     """The body as a JSON object.
 
     Raises:
         APIError: 400 for an empty body, invalid JSON (also UTF-8), nesting too deep
-            for the parser, or a value that is not an object.
+            for the parser, a value that is not an object, or a string holding a lone
+            surrogate (``"\\ud800"``: valid JSON, but not text).
     """
     if not body.strip():
         raise _bad("the request body is empty: send a JSON object", code="empty_body")
@@ -85,6 +129,15 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise _bad(f"the body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise _bad(f"the body must be a JSON object, not {_json_type(data)}", code="invalid_json")
+    try:  # JSON's \ud800 escapes can name a lone surrogate: no text a tokenizer can take
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError as exc:
+        bad = exc.object[exc.start : exc.end].encode("unicode_escape").decode()
+        raise _bad(
+            f"the body holds a lone surrogate ({bad}), which is not Unicode text: encode "
+            "characters outside the BMP as a surrogate pair or send them as UTF-8",
+            code="invalid_unicode",
+        ) from None
     return data
 
 

@@ -16,7 +16,9 @@ at most one forward runs at a time (the scheduler's single task awaits it).
 Tokens reach the request handler through the sequence's queue; the scheduler knows
 token ids only (EOS, ``max_tokens``): stop strings are text, the handler's business
 (it cancels its sequence when one appears). A failed forward ends every sequence it
-touched with that error and leaves the scheduler ready for new ones.
+touched with that error and leaves the scheduler ready for new ones; a row whose
+*sampling* fails (its own settings, its own generator) ends that sequence alone with
+a :class:`SamplingError`, and the other rows keep their tokens and their place.
 
 Why not transformers' continuous batching (``generate_batch`` /
 ``ContinuousBatchingManager``): it runs ``model(...)`` from its own background
@@ -42,7 +44,20 @@ import torch
 
 from ._batch import BatchKV, left_padded
 
-__all__ = ["CausalLM", "Finished", "SequenceState", "StepScheduler", "StepStats"]
+__all__ = [
+    "GREEDY_BELOW",
+    "CausalLM",
+    "Finished",
+    "SamplingError",
+    "SequenceState",
+    "StepScheduler",
+    "StepStats",
+]
+
+#: Temperatures below this are greedy: softmax(logits / T) tends to the argmax as T
+#: tends to 0, and already at 1e-5 a logit gap of 0.01 is a factor of e^-1000, so
+#: sampling would pick the argmax anyway, with no risk of overflowing to NaN.
+GREEDY_BELOW = 1e-5
 
 log = logging.getLogger("asyncpager.serve")
 
@@ -101,7 +116,7 @@ class SequenceState:
         self.top_p = top_p
         self.stop_ids = stop_ids
         self.generator: torch.Generator | None = None
-        if temperature > 0:
+        if temperature >= GREEDY_BELOW:
             self.generator = torch.Generator()
             if seed is None:
                 self.generator.seed()
@@ -141,23 +156,57 @@ class StepStats:
     forward_seconds: float = 0.0
 
 
-def _sample(logits: torch.Tensor, seqs: Sequence[SequenceState]) -> list[int]:
-    """One token per row of ``logits`` (rows, vocab): argmax at temperature 0, else
-    temperature and nucleus (top_p) sampling with the sequence's own generator."""
+class SamplingError(RuntimeError):
+    """One row's token could not be drawn (its probabilities were not a distribution):
+    that sequence ends with this error, the others in the batch carry on."""
+
+
+def _sample_row(logits: torch.Tensor, seq: SequenceState) -> int:
+    """Temperature and nucleus (top_p) sampling of one row with the sequence's own
+    generator, in float64 with the maximum subtracted first, so no temperature the
+    sequence accepts overflows."""
+    scaled = (logits.double() - logits.max().double()) / seq.temperature
+    probs = torch.softmax(scaled, -1)
+    if seq.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < seq.top_p
+        keep[0] = True
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+    try:
+        return int(torch.multinomial(probs, 1, generator=seq.generator).item())
+    except RuntimeError as exc:
+        raise SamplingError(
+            f"sampling failed at temperature {seq.temperature:g}, top_p {seq.top_p:g}: {exc}"
+        ) from None
+
+
+def _sample(logits: torch.Tensor, seqs: Sequence[SequenceState]) -> list[int | SamplingError]:
+    """One token per row of ``logits`` (rows, vocab): argmax for a greedy sequence,
+    else :func:`_sample_row`; a row that cannot be sampled gets its error instead,
+    and the other rows are unaffected."""
     greedy = logits.argmax(-1).tolist()
-    out: list[int] = []
+    out: list[int | SamplingError] = []
     for row, seq in enumerate(seqs):
         if seq.generator is None:
             out.append(int(greedy[row]))
             continue
-        probs = torch.softmax(logits[row].float() / seq.temperature, -1)
-        if seq.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            keep = sorted_p.cumsum(-1) - sorted_p < seq.top_p
-            keep[0] = True
-            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-        out.append(int(torch.multinomial(probs, 1, generator=seq.generator).item()))
+        try:
+            out.append(_sample_row(logits[row], seq))
+        except SamplingError as exc:
+            out.append(exc)
     return out
+
+
+def _deliver(seqs: Sequence[SequenceState], tokens: Sequence[int | SamplingError]) -> None:
+    """Each row's token to its sequence; a row whose sampling failed ends alone."""
+    for seq, token in zip(seqs, tokens, strict=True):
+        if seq.cancelled:
+            continue
+        if isinstance(token, SamplingError):
+            log.warning("one sequence ended, the rest of its batch continues: %s", token)
+            seq._finish("error", token)
+        else:
+            seq._push(token)
 
 
 @final
@@ -298,10 +347,7 @@ class StepScheduler:
         inputs = batch.decode_inputs([s.output[-1] for s in seqs])
         logits = await self._forward(inputs, batch.cache, batch.width)
         batch.advanced(inputs)
-        tokens = await self._in_thread(_sample, logits, seqs)
-        for seq, token in zip(seqs, tokens, strict=True):
-            if not seq.cancelled:
-                seq._push(token)
+        _deliver(seqs, await self._in_thread(_sample, logits, seqs))
         self.stats.tokens += len(seqs)
 
     async def _prefill(self, seqs: list[SequenceState]) -> None:
@@ -314,9 +360,7 @@ class StepScheduler:
         logits = await self._forward(inputs, cache, 0)
         tokens = await self._in_thread(_sample, logits, seqs)
         joined = BatchKV(cache, mask)
-        for seq, token in zip(seqs, tokens, strict=True):
-            if not seq.cancelled:
-                seq._push(token)
+        _deliver(seqs, tokens)
         self.stats.tokens += len(seqs)
         if self._batch is None:
             self._batch, self._active = joined, list(seqs)

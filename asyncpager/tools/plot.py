@@ -2,8 +2,12 @@
 acquire-latency histogram, so overlap (or its absence) shows at a glance.
 
 Built from what a run leaves behind: the trace events (``Pager.stop_trace``: spans
-"load"/"prefetch" with ``args.tensor``, "compute" with ``args.layer``, instants
-"evict") and the histograms' buckets (``Pager.histograms()``). matplotlib is an
+"load"/"prefetch" with ``args.tensor``, "compute" with ``args.layer``,
+"compute_head" with ``args.tensor``, "read" from the source, instants "evict") and the
+histograms' buckets (``Pager.histograms()``). Every span of the window is drawn: a
+layer's on its row, the output head's computing and the loads of tensors outside
+the layers (embedding, head) on a "head" row, the source's reads on a "reads" row;
+every row is labelled. matplotlib is an
 optional extra (``pip install -e '.[plot]'`` in a checkout); it is imported only when a
 picture is drawn, and drawn with the Agg canvas on a private ``Figure`` — never
 through ``pyplot``, so a caller's backend and open figures are left alone.
@@ -27,16 +31,21 @@ __all__ = [
     "matplotlib_available",
     "plot_path_problem",
     "plot_runs",
+    "row_labels",
     "timeline_spans",
 ]
 
 Buckets = Sequence[tuple[float, int]]  # (upper bound in seconds, count), ascending
 
 _OUTCOMES = ("acquire_hit", "acquire_joined", "acquire_miss")
+#: Rows below the layers (keys of ``TimelineSpans.rows``, which are layers otherwise).
+HEAD_ROW, READ_ROW = -1, -2
+_ROW_NAMES = {HEAD_ROW: "head", READ_ROW: "reads"}
 _COLORS = {
     "compute": "#4c72b0",
     "load": "#c44e52",
     "prefetch": "#55a868",
+    "read": "#8c8c8c",
     "acquire_hit": "#55a868",
     "acquire_joined": "#dd8452",
     "acquire_miss": "#c44e52",
@@ -89,6 +98,7 @@ class TimelineSpans:
     compute: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
     load: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
     prefetch: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
+    read: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
     evictions: list[tuple[float, int]] = field(default_factory=list)
     token_starts: list[float] = field(default_factory=list)
     end: float = 0.0
@@ -126,18 +136,43 @@ def timeline_spans(
         end = start + float(e.get("dur", 0.0))
         if end < t0 or start > t1:
             continue
-        args = e.get("args", {})
-        name = e["name"]
-        tensor = str(args.get("tensor"))
-        layer = args.get("layer") if name == "compute" else layer_of.get(tensor)
-        if layer not in rows:
+        kind, layer = _kind_and_row(e, layer_of)
+        if kind is None or (layer not in rows and layer not in _ROW_NAMES):
             continue
         lo, hi = (max(start, t0) - t0) / 1000, (min(end, t1) - t0) / 1000
-        if name == "evict" and e["ph"] == "i":
+        if kind == "evict":
             out.evictions.append((lo, layer))
-        elif name in ("compute", "load", "prefetch") and e["ph"] == "X":
-            getattr(out, name).setdefault(layer, []).append((lo, hi - lo))
+        else:
+            getattr(out, kind).setdefault(layer, []).append((lo, hi - lo))
+    drawn = {key for kind in ("compute", "load", "prefetch", "read") for key in getattr(out, kind)}
+    for key in _ROW_NAMES:  # the head row, then the reads row, below the layers
+        if key in drawn or any(row == key for _, row in out.evictions):
+            rows[key] = len(rows)
     return out
+
+
+def _kind_and_row(e: Mapping[str, Any], layer_of: Mapping[str, int]) -> tuple[str | None, int]:
+    """How a trace event is drawn: its kind (compute, load, prefetch, read, evict; None
+    for an event that is not drawn) and its row (a layer, ``HEAD_ROW``, ``READ_ROW``)."""
+    args, name, ph = e.get("args", {}), e["name"], e["ph"]
+    tensor = str(args.get("tensor"))
+    if ph == "i":
+        return ("evict" if name == "evict" else None), layer_of.get(tensor, HEAD_ROW)
+    if ph != "X":
+        return None, 0
+    if name == "compute":
+        return "compute", int(args.get("layer", HEAD_ROW))
+    if name.startswith("compute"):  # compute_head, and any compute of a non-layer
+        return "compute", HEAD_ROW
+    if name in ("load", "prefetch"):
+        return name, layer_of.get(tensor, HEAD_ROW)
+    return "read", READ_ROW  # the source's reads, and any other span
+
+
+def row_labels(spans: TimelineSpans) -> list[str]:
+    """Every row's label, top to bottom: each layer's number, then "head", "reads"."""
+    ordered = sorted(spans.rows, key=spans.rows.__getitem__)
+    return [_ROW_NAMES.get(key, str(key)) for key in ordered]
 
 
 def _last_end(spans: Sequence[Mapping[str, Any]]) -> float:
@@ -195,7 +230,8 @@ def plot_runs(
     for ax in timeline_axes[1:]:
         ax.sharex(timeline_axes[0])
     for ax, run, w in zip(timeline_axes, runs, windows, strict=True):
-        for kind, offset in (("compute", -0.42), ("load", 0.02), ("prefetch", 0.02)):
+        kinds = (("compute", -0.42), ("load", 0.02), ("prefetch", 0.02), ("read", -0.2))
+        for kind, offset in kinds:
             per_layer: dict[int, list[tuple[float, float]]] = getattr(w, kind)
             for layer, bars in per_layer.items():
                 ax.broken_barh(
@@ -223,8 +259,8 @@ def plot_runs(
                 color="grey",
             )
         layers = sorted(w.rows, key=w.rows.__getitem__)
-        step = max(1, math.ceil(len(layers) / 16))
-        ax.set_yticks([w.rows[n] for n in layers[::step]], [str(n) for n in layers[::step]])
+        size = 8 if len(layers) <= 24 else max(4, 8 * 24 // len(layers))
+        ax.set_yticks([w.rows[n] for n in layers], row_labels(w), fontsize=size)
         ax.set_ylim(len(layers) - 0.4, -0.6)
         ax.set_ylabel("layer")
         ax.set_title(f"{run.label}   {run.note}".strip(), loc="left", fontsize=10)
@@ -236,12 +272,13 @@ def plot_runs(
                 Patch(color=_COLORS["compute"], label="compute"),
                 Patch(color=_COLORS["load"], label="load (on demand)"),
                 Patch(color=_COLORS["prefetch"], label="prefetch"),
+                Patch(color=_COLORS["read"], label="source read"),
                 Line2D([], [], marker="x", linestyle="", color="black", label="eviction"),
             ],
             loc="lower right",
             bbox_to_anchor=(1.0, 1.0),
             fontsize=8,
-            ncols=4,
+            ncols=5,
             frameon=False,
         )
     _histogram(axes[-1], runs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import struct
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def _string(s: str) -> bytes:
 
 
 def write_synthetic_gguf(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | None = None,
     *,
     n_layers: int = 8,
     layer_bytes: int = 4 << 20,
@@ -46,7 +47,23 @@ def write_synthetic_gguf(
     with_head: bool = True,
 ) -> Path:
     """Write a GGUF v3 file of F16 weight matrices (``width`` columns) and F32 norms;
-    each layer holds about ``layer_bytes``. Returns the path."""
+    each layer holds about ``layer_bytes``. Returns the path.
+
+    Without ``path`` the file goes to the system's temporary directory, named by its
+    parameters (an existing one is reused), never into the current directory: at the
+    defaults of the quick start it is over 100 MB."""
+    if path is None:
+        name = f"asyncpager-synthetic-{n_layers}x{layer_bytes}-w{width}-s{seed}"
+        path = Path(tempfile.gettempdir()) / (name + ("" if with_head else "-nohead") + ".gguf")
+        if path.is_file():
+            return path
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        write_synthetic_gguf(
+            tmp, n_layers=n_layers, layer_bytes=layer_bytes, width=width, seed=seed,
+            with_head=with_head,
+        )  # fmt: skip
+        os.replace(tmp, path)  # complete or absent, for concurrent callers
+        return path
     path = Path(path)
     rng = np.random.default_rng(seed)
     tensors: list[tuple[str, tuple[int, ...], int]] = []  # name, numpy shape, ggml type

@@ -5,16 +5,20 @@ torch, so the CLI imports it only for ``generate``)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from time import perf_counter
 from typing import Any, TextIO
 
 from .._sizes import format_size
 from ..tools.report import format_duration
+from ..tools.startup import opening, ready_summary
 from ._lm import ForwardStats, PagedCausalLM
 from ._skeleton import CheckpointMismatch
 
@@ -43,19 +47,30 @@ class GenerateReport:
 async def generate_streaming(args: argparse.Namespace, out: TextIO) -> GenerateReport:
     """Open the model, stream the text of ``args.prompt`` to ``out`` as it is made."""
     budget: int = args.budget_bytes
-    async with PagedCausalLM.open(
-        args.model,
-        budget_bytes=budget,
-        prefetch_depth=args.prefetch,
-        policy=args.policy,
-        dtype=args.dtype,
-        torch_threads=args.torch_threads,
-        direct_io=args.direct_io,
-        **getattr(args, "remote", {}),
-    ) as lm:
+    remote: dict[str, Any] = getattr(args, "remote", {})
+    quiet = bool(getattr(args, "quiet", False))
+    async with contextlib.AsyncExitStack() as stack:
+        async with opening("asyncpager generate", f"opening {args.model}", quiet=quiet):
+            lm = await stack.enter_async_context(
+                PagedCausalLM.open(
+                    args.model,
+                    budget_bytes=budget,
+                    prefetch_depth=args.prefetch,
+                    policy=args.policy,
+                    dtype=args.dtype,
+                    torch_threads=args.torch_threads,
+                    direct_io=args.direct_io,
+                    **remote,
+                )
+            )
         tok = lm.tokenizer
         if tok is None:
             raise CliModelError(f"{args.model}: no tokenizer files, so no --prompt text")
+        if not quiet:
+            summary = ready_summary(
+                lm, model=str(args.model), remote=remote, pinned_bytes=lm.pager.resident_bytes
+            )
+            print(summary, file=sys.stderr, flush=True)
         ids: list[int] = list(tok(args.prompt).input_ids)
         pinned = lm.pager.resident_bytes
         lm.pager.stats(reset=True)
@@ -120,8 +135,9 @@ def describe(r: GenerateReport) -> list[str]:
     return lines
 
 
-def compare(args: argparse.Namespace, r: GenerateReport) -> tuple[bool, str]:
-    """Run the fully loaded model in a subprocess; are the tokens identical?"""
+def _reference(args: argparse.Namespace, r: GenerateReport) -> dict[str, Any]:
+    """One fully loaded run in a subprocess: same checkpoint, prompt ids, sampling,
+    dtype and torch threads as the paged run ``r``."""
     cmd = [
         sys.executable,
         "-m",
@@ -138,6 +154,8 @@ def compare(args: argparse.Namespace, r: GenerateReport) -> tuple[bool, str]:
         "--torch-threads",
         str(r.torch_threads),
     ]
+    if args.dtype is not None:  # the same compute dtype as the paged run
+        cmd += ["--dtype", args.dtype]
     if args.seed is not None:
         cmd += ["--seed", str(args.seed)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -145,19 +163,38 @@ def compare(args: argparse.Namespace, r: GenerateReport) -> tuple[bool, str]:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise CliModelError(f"the fully loaded reference run failed: {tail}")
     ref: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    same = ref["tokens"] == r.tokens
-    n = len(ref["tokens"])
-    speed = n / ref["seconds"] if ref["seconds"] > 0 else float("inf")
-    ours = len(r.tokens) / r.seconds
+    return ref
+
+
+def _speed(tokens: int, seconds: float) -> float:
+    return tokens / seconds if seconds > 0 else float("inf")
+
+
+def compare(
+    args: argparse.Namespace, r: GenerateReport, again: Callable[[], GenerateReport]
+) -> tuple[bool, str]:
+    """Runs interleaved — (the paged run ``r``), fully loaded, paged ``again``, fully
+    loaded — so a noisy machine weighs on both sides alike: are the tokens identical,
+    and the speed ratio with its spread over the two pairs."""
+    refs = [_reference(args, r)]
+    paged = [r, again()]
+    refs.append(_reference(args, r))
+    full = [_speed(len(x["tokens"]), x["seconds"]) for x in refs]
+    ours = [_speed(len(p.tokens), p.seconds) for p in paged]
+    pairs = [o / f for o, f in zip(ours, full, strict=True)]
     line = (
-        f"fully loaded (subprocess): {speed:.2f} tokens/s, peak RSS "
-        f"{format_size(ref['peak_rss_bytes'])}; paged/full speed {ours / speed:.2f}; tokens "
+        f"fully loaded (subprocess): {', '.join(f'{f:.2f}' for f in full)} tokens/s, peak "
+        f"RSS {format_size(max(x['peak_rss_bytes'] for x in refs))}; paged "
+        f"{', '.join(f'{o:.2f}' for o in ours)} tokens/s (runs interleaved); paged/full "
+        f"speed {sum(ours) / sum(full):.2f} (pairs {min(pairs):.2f}-{max(pairs):.2f}); tokens "
     )
-    if same:
+    outputs = [x["tokens"] for x in refs] + [p.tokens for p in paged]
+    differing = next((out for out in outputs if out != r.tokens), None)
+    if differing is None:
         return True, line + "identical"
     diff = next(
-        (i for i, (a, b) in enumerate(zip(ref["tokens"], r.tokens, strict=False)) if a != b),
-        min(n, len(r.tokens)),
+        (i for i, (a, b) in enumerate(zip(differing, r.tokens, strict=False)) if a != b),
+        min(len(differing), len(r.tokens)),
     )
     return False, line + f"DIFFER from token {diff}"
 
@@ -168,11 +205,18 @@ def run_generate(args: argparse.Namespace, run: Any) -> int:
         report: GenerateReport = run(generate_streaming(args, sys.stdout), args.loop)
     except CheckpointMismatch as exc:
         raise CliModelError(str(exc)) from exc
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")  # "interrupted" goes on its own line, not after the text
+        sys.stdout.flush()
+        raise
     sys.stdout.write("\n")
     for line in describe(report):
         print(line)
     if args.compare:
-        same, line = compare(args, report)
+        quiet = argparse.Namespace(**{**vars(args), "quiet": True})
+        same, line = compare(
+            args, report, lambda: run(generate_streaming(quiet, io.StringIO()), args.loop)
+        )
         print(line)
         if not same:
             return 1

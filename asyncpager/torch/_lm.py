@@ -614,16 +614,22 @@ def _ends_to_page(
 
 def _check_layer_fits(pager: Pager, skeleton: Skeleton, paged: Iterable[str] = ()) -> None:
     from .._errors import BudgetExceeded
+    from .._sizes import format_mib
 
     pinned = sum(pager.charge_of(n) for n in skeleton.resident_names if n not in set(paged))
     free = pager.budget_bytes - pinned
-    for layer in skeleton.layer_modules:
-        need = sum(pager.charge_of(n) for n in pager.layers[layer])
+    needs = {
+        layer: sum(pager.charge_of(n) for n in pager.layers[layer])
+        for layer in skeleton.layer_modules
+    }
+    for layer, need in needs.items():
         if need > free:
             raise BudgetExceeded(
-                f"decoder layer {layer} needs {need} bytes but only {free} of the budget "
-                f"of {pager.budget_bytes} bytes are left after the pinned non-layer "
-                f"tensors ({pinned} bytes)"
+                f"decoder layer {layer} needs {format_mib(need, up=True)} but only "
+                f"{format_mib(max(0, free))} of the budget of {format_mib(pager.budget_bytes)} "
+                f"are left after the pinned non-layer tensors ({format_mib(pinned, up=True)}): "
+                f"--budget {format_mib(pinned + 2 * max(needs.values()), up=True)} (the pinned "
+                "tensors and two decoder layers) works"
             )
 
 

@@ -1,7 +1,7 @@
 """The fully loaded reference run, in its own process (``generate --compare``):
 
     python -m asyncpager.torch._reference MODEL_DIR --ids 2,818,5279 --max-new-tokens 32 \\
-        [--temperature T --top-p P --seed S] [--torch-threads N]
+        [--temperature T --top-p P --seed S] [--torch-threads N] [--dtype D]
 
 loads the checkpoint with ``AutoModelForCausalLM.from_pretrained`` (everything in RAM),
 runs the same decode loop as PagedCausalLM and prints one JSON object: ``tokens``,
@@ -29,6 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--torch-threads", type=int, default=None)
+    p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
     args = p.parse_args(argv)
 
     import torch
@@ -39,7 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     t0 = perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model, dtype=getattr(torch, args.dtype) if args.dtype else "auto"
+    )
     try:
         gen_config = GenerationConfig.from_pretrained(args.model)
     except OSError:

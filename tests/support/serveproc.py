@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 class Served:
     def __init__(
         self,
-        model: Path,
+        model: Path | str,
         *args: str,
         budget: str = "500KiB",
         timeout: float = 120,

@@ -36,6 +36,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -79,11 +80,12 @@ class _Replica:
     """One replica: the model open under its budget, the step scheduler, the API."""
 
     # Ray awaits an async constructor: the replica is ready once it returns.
-    async def __init__(self, config: ServeConfig, remote: dict[str, Any]) -> None:  # type: ignore[misc]
+    async def __init__(self, config: ServeConfig, options: dict[str, Any]) -> None:  # type: ignore[misc]
+        t0 = time.perf_counter()
         self._opened = open_lm(
             config.model, budget_bytes=config.budget_bytes, prefetch_depth=config.prefetch_depth,
             policy=config.policy, dtype=config.dtype, torch_threads=config.torch_threads,
-            **remote,
+            **options,
         )  # fmt: skip
         lm = await self._opened.__aenter__()
         try:
@@ -97,6 +99,7 @@ class _Replica:
             "replica": self.replica,
             "replica_actor": context.replica_id.to_full_id_str(),
             "pid": os.getpid(),
+            "open_seconds": round(time.perf_counter() - t0, 3),
         }
         self.server.scheduler.start()
 
@@ -115,7 +118,8 @@ class _Replica:
         await self._opened.__aexit__(None, None, None)
 
 
-#: The deployment (``.options(...)`` to change Ray settings, ``.bind(config, remote)``).
+#: The deployment (``.options(...)`` to change Ray settings, ``.bind(config, options)``
+#: with ``options`` for ``PagedCausalLM.open``).
 PagedModelDeployment = serve.deployment(name="asyncpager")(serve.ingress()(_Replica))
 
 
@@ -156,6 +160,7 @@ def build_app(
     torch_threads: int | str | None = None,
     cache_dir: str | os.PathLike[str] | None = "default",
     cache_bytes: int | str | None = None,
+    chunk_bytes: int | str | None = None,
     storage_options: Mapping[str, Any] | str | None = None,
     model_name: str | None = None,
     api_key: str | None = None,
@@ -166,6 +171,7 @@ def build_app(
     policy: str = "schedule",
     dtype: str | None = None,
     shutdown_timeout: float | str = 10.0,
+    pin_embeddings: bool | str | None = None,
     debug_step_delay: float | str = 0.0,
 ) -> Application:
     """The Ray Serve application serving ``model`` (a checkpoint directory present on
@@ -208,18 +214,23 @@ def build_app(
         dtype=_optional(dtype),
         torch_threads=threads,
     )
-    remote: dict[str, Any] = {}
+    open_options: dict[str, Any] = {}
+    pin = _optional(pin_embeddings)
+    if pin is not None:
+        open_options["pin_embeddings"] = pin if isinstance(pin, bool) else pin.lower() == "true"
     if url:
         cache = _optional(cache_dir)
         if cache == "default":
             cache = os.path.join(tempfile.gettempdir(), "asyncpager-cache")
         if cache is not None:
-            remote["cache_dir"] = os.fspath(cache)
+            open_options["cache_dir"] = os.fspath(cache)
         if _optional(cache_bytes) is not None:
-            remote["cache_bytes"] = _size(cast(int | str, cache_bytes))
+            open_options["cache_bytes"] = _size(cast(int | str, cache_bytes))
+        if _optional(chunk_bytes) is not None:
+            open_options["remote_options"] = {"chunk_bytes": _size(cast(int | str, chunk_bytes))}
         options = _storage_options(storage_options)
         if options is not None:
-            remote["storage_options"] = options
+            open_options["storage_options"] = options
     actor_options: dict[str, Any] = {"num_cpus": cpus}
     if memory_bytes is not None:
         actor_options["memory"] = memory_bytes
@@ -240,7 +251,7 @@ def build_app(
         graceful_shutdown_timeout_s=config.shutdown_timeout + _CLOSE_MARGIN,
         **scaling,
     )
-    application: Application = deployment.bind(config, remote)
+    application: Application = deployment.bind(config, open_options)
     return application
 
 

@@ -80,8 +80,11 @@ def test_a_killed_replica_fails_its_requests_the_other_serves_and_ray_replaces_i
     others = [r for r in results if r[0] != victim]
     assert killed
     assert others, results  # both replicas had streams
-    for replica, outcome, _, _ in killed:
-        assert outcome != "ok", (replica, outcome)
+    for replica, outcome, _, _ in killed:  # the proxy cuts the stream: the client raises
+        assert outcome.startswith(("APIConnectionError", "APIError", "InternalServerError")), (
+            replica,
+            outcome,
+        )
     for _, outcome, finish, tokens in others:
         assert outcome == "ok"
         assert finish in ("length", "stop")  # it ended normally, with its usage

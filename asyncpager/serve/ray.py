@@ -107,7 +107,9 @@ class _Replica:
         return ASGIApp(self.server, self.replica)
 
     async def __del__(self) -> None:
-        server = self.server
+        server: Server | None = getattr(self, "server", None)
+        if server is None:  # the constructor failed: it closed what it opened
+            return
         server.draining = True
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(server.idle.wait(), server.config.shutdown_timeout)

@@ -45,7 +45,8 @@ import asyncpager as ap
 from tests.support.raycluster import free_port
 from tests.support.serveproc import Served
 
-MOTO = "from moto.server import ThreadedMotoServer as S;import time,sys;s=S('127.0.0.1',{port});"
+MOTO = "import logging,time;from moto.server import ThreadedMotoServer as S;"
+MOTO += "logging.getLogger('werkzeug').setLevel(logging.ERROR);s=S('127.0.0.1',{port});"
 MOTO += "s.start();print('up',flush=True);time.sleep(1e9)"
 S3_OPTIONS = {
     "endpoint": "", "region": "us-east-1", "aws_access_key_id": "bench",

@@ -112,8 +112,10 @@ def s3_server() -> tuple[subprocess.Popen[str], str]:
     assert proc.stdout is not None
     for line in proc.stdout:  # moto says it is starting, then this script says "up"
         if line.strip() == "up":
-            break
-    return proc, f"http://127.0.0.1:{port}"
+            return proc, f"http://127.0.0.1:{port}"
+    proc.kill()
+    proc.wait()
+    raise RuntimeError("the S3 server (moto) did not start")
 
 
 def upload(endpoint: str, model: Path) -> str:

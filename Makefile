@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 SEEDS  ?= 200
 
-.PHONY: install dev node-deps test lint typecheck pytest demo bench soak fuzz clean
+.PHONY: install dev node-deps test lint typecheck pytest demo bench soak fuzz clean ray-slow load-ray
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,3 +62,10 @@ fuzz: dev
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# Ray Serve: the slow scenarios (a replica killed under load, the drain) and the load test.
+ray-slow: dev
+	$(BIN)/python -m pytest -W error -m slow tests/serve/test_ray_failure.py
+
+load-ray: dev
+	$(BIN)/python scripts/load_ray.py

@@ -106,19 +106,27 @@ async def one_request(
                 last = now
 
 
-async def run_phase(url: str, clients: int, requests: int, tokens: int) -> Phase:
+async def drive(
+    s: aiohttp.ClientSession, url: str, clients: int, requests: int, tokens: int
+) -> Phase:
+    """``clients`` clients at once, each sending ``requests`` streaming requests."""
     phase = Phase(clients)
+
+    async def client(i: int) -> None:
+        for k in range(requests):
+            topic = TOPICS[(i * requests + k) % len(TOPICS)]
+            await one_request(s, url, f"Here is a short essay about {topic}.", tokens, phase)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    phase.seconds = time.perf_counter() - t0
+    return phase
+
+
+async def run_phase(url: str, clients: int, requests: int, tokens: int) -> Phase:
     async with aiohttp.ClientSession() as s:
         before = await scrape(s, url)
-
-        async def client(i: int) -> None:
-            for k in range(requests):
-                topic = TOPICS[(i * requests + k) % len(TOPICS)]
-                await one_request(s, url, f"Here is a short essay about {topic}.", tokens, phase)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(i) for i in range(clients)))
-        phase.seconds = time.perf_counter() - t0
+        phase = await drive(s, url, clients, requests, tokens)
         after = await scrape(s, url)
     phase.bytes_read = after["asyncpager_bytes_read_total"] - before["asyncpager_bytes_read_total"]
     forwards = (
@@ -161,14 +169,18 @@ async def run_config(label: str, model: Path, budget: int, args: argparse.Namesp
     return phases
 
 
-def row(label: str, p: Phase) -> str:
+def latency_row(label: str, p: Phase) -> str:
+    """``| label | clients | tokens/s | TTFT p50 / p99 | ITL p50 / p99 |`` (ms)."""
     ms = 1000
     return (
         f"| {label} | {p.clients} | {p.tokens / p.seconds:.2f} | {pct(p.ttft, 0.5) * ms:.0f} / "
         f"{pct(p.ttft, 0.99) * ms:.0f} | {pct(p.itl, 0.5) * ms:.0f} / "
-        f"{pct(p.itl, 0.99) * ms:.0f} | "
-        f"{p.bytes_read / max(p.tokens, 1) / 2**20:.1f} | {p.rows:.1f} |"
+        f"{pct(p.itl, 0.99) * ms:.0f} |"
     )
+
+
+def row(label: str, p: Phase) -> str:
+    return f"{latency_row(label, p)} {p.bytes_read / max(p.tokens, 1) / 2**20:.1f} | {p.rows:.1f} |"
 
 
 async def main() -> int:

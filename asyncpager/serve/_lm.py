@@ -21,10 +21,11 @@ async def open_lm(
     policy: Literal["lru", "schedule"],
     dtype: str | None = None,
     torch_threads: int | None = None,
-    remote: dict[str, Any] | None = None,
+    **remote: Any,
 ) -> AsyncIterator[Any]:
-    """The paged model at ``path``, a directory or a URL (``remote``: ap.open's
-    object-storage keywords), closed with its pager at exit."""
+    """The paged model at ``path``, a directory or the URL of one in object storage
+    (``remote``: ``storage_options``, ``cache_dir``, ``cache_bytes``), closed with its
+    pager at exit."""
     from transformers.utils import logging as hf_logging
 
     from ..torch import PagedCausalLM
@@ -32,6 +33,6 @@ async def open_lm(
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     async with PagedCausalLM.open(
         path, budget_bytes=budget_bytes, prefetch_depth=prefetch_depth, policy=policy,
-        dtype=dtype, torch_threads=torch_threads, **(remote or {}),
+        dtype=dtype, torch_threads=torch_threads, **remote,
     ) as lm:  # fmt: skip
         yield lm

@@ -185,7 +185,7 @@ async def serve(args: argparse.Namespace) -> int:
                 lm = await stack.enter_async_context(open_lm(
                     config.model, budget_bytes=config.budget_bytes,
                     prefetch_depth=config.prefetch_depth, policy=config.policy,
-                    dtype=config.dtype, torch_threads=config.torch_threads, remote=remote,
+                    dtype=config.dtype, torch_threads=config.torch_threads, **remote,
                 ))  # fmt: skip
             server = Server(lm, config)
             if not args.quiet:

@@ -3,7 +3,7 @@ and served by ``asyncpager serve`` in a subprocess (``tests.support.serveproc``)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -24,3 +24,13 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Any
         return made[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def ray_proxy() -> Iterator[str]:
+    """A local Ray cluster and Serve's HTTP proxy on loopback, one per test run; the
+    proxy's URL."""
+    from tests.support.raycluster import local_ray_cluster
+
+    with local_ray_cluster() as url:
+        yield url

@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, final
 
 import torch
-from torch.nn import functional as F
 
 from .._errors import BudgetExceeded, PagerClosed
 from ..pager._lease import Lease, LeaseGroup
@@ -100,6 +99,8 @@ class ExpertStats:
     guessed: int
     guess_hits: int
     guess_scored: int
+    #: checkpoint bytes of the fetched experts
+    fetched_bytes: int
     cached_experts: int
     cache_bytes: int
 
@@ -151,7 +152,14 @@ class ExpertPager:
         *,
         policy: CachePolicyName,
         depth: int,
+        whole_layers: bool = False,
     ) -> None:
+        #: read every expert of a layer whatever the routing, cache none, guess none
+        #: (layer paging, the baseline the benchmark compares against)
+        self.whole_layers = whole_layers
+        if whole_layers:
+            plan = ExpertBudget(0, plan.request_bytes, plan.early, plan.forwards)
+            depth = 0
         self._pager = pager
         self._layout = layout
         self._loop = loop
@@ -166,7 +174,7 @@ class ExpertPager:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(
-            ("routed", "hits", "fetched", "guessed", "ghits", "gscored"), 0
+            ("routed", "hits", "fetched", "guessed", "ghits", "gscored", "fbytes"), 0
         )
         for le in layout.layers.values():
             le.module._asyncpager_experts = self  # type: ignore[assignment]
@@ -194,6 +202,7 @@ class ExpertPager:
             c["guessed"],
             c["ghits"],
             c["gscored"],
+            c["fbytes"],
             len(self._cache),
             sum(e.nbytes for e in self._cache.values()),
         )
@@ -216,6 +225,8 @@ class ExpertPager:
         run = self._hooks.current_run()
         k = top_k_index.size(-1)
         wanted = sorted(e for e in set(top_k_index.reshape(-1).tolist()) if 0 <= e < le.num_experts)
+        if self.whole_layers:
+            wanted = list(range(le.num_experts))
         guesses: dict[int, set[int]] = getattr(self._local, "guesses", {})
         self._local.guesses = guesses
         guess = guesses.pop(le.layer, None)
@@ -243,7 +254,7 @@ class ExpertPager:
                 self._post(self._on_done, req, built)
                 del built
             req = _ExpertRequest(le.layer, rest) if rest else None
-        weighted = out * top_k_weights.reshape(-1, 1).to(out.dtype)
+        weighted = out * top_k_weights.reshape(-1, 1)  # promoted as transformers does
         return weighted.view(-1, k, hidden.size(-1)).sum(dim=1).to(hidden.dtype)
 
     def _wait(self, run: ForwardRun, req: _ExpertRequest) -> None:
@@ -311,7 +322,8 @@ class ExpertPager:
         per = self._charge[layer]
         n = max(1, self.plan.request_bytes // max(1, per))
         req.chunk, req.rest = uncached[:n], uncached[n:]
-        self._count(hits=len(req.lent), fetched=len(req.chunk))
+        nbytes = self._layout.layers[layer].expert_nbytes
+        self._count(hits=len(req.lent), fetched=len(req.chunk), fbytes=nbytes * len(req.chunk))
         if not req.chunk:
             req.done.set()
             return
@@ -434,9 +446,11 @@ def _linear(x: torch.Tensor, parts: list[torch.Tensor], transposed: bool) -> tor
     if transposed:
         w = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         return x @ w
-    if len(parts) == 1:
-        return F.linear(x, parts[0])
-    return torch.cat([F.linear(x, p) for p in parts], dim=-1)
+    # transformers' batched_mm (which grouped_mm matches bit for bit): one
+    # matrix-vector product per routed token, the weight broadcast (a view, no copy)
+    n = x.size(0)
+    outs = [torch.bmm(p.expand(n, *p.shape), x.unsqueeze(-1)).squeeze(-1) for p in parts]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
 def _compute(

@@ -241,7 +241,7 @@ class PagedCausalLM:
         max_concurrent_forwards: int,
         path: Path | str,
         paged: Sequence[str] = (),
-        experts: tuple[ExpertBudget, CachePolicyName] | None = None,
+        experts: tuple[ExpertBudget, CachePolicyName, bool] | None = None,
     ) -> None:
         self.path = path
         self.config = prepared.config
@@ -273,6 +273,7 @@ class PagedCausalLM:
                 experts[0],
                 policy=experts[1],
                 depth=prefetch_depth,
+                whole_layers=not experts[2],
             )
             max_concurrent_forwards = experts[0].forwards
         #: embedding / head tensors served by row gathers and row blocks (not pinned)
@@ -308,6 +309,7 @@ class PagedCausalLM:
         tokenizer: bool = True,
         expert_cache: float = 0.5,
         expert_policy: CachePolicyName = "lfru",
+        expert_paging: bool = True,
         **pager_options: Any,
     ) -> _OpenContext:
         """Open a Hugging Face checkpoint directory (``config.json`` and
@@ -338,7 +340,8 @@ class PagedCausalLM:
         shrunk to leave room for the running layers) scored by ``expert_policy``
         (``"lfru"``: decayed use counts; ``"lru"``), and with ``prefetch_depth >= 1``
         the next layers' experts are guessed and prefetched. ``expert_stats()``
-        reports the counts.
+        reports the counts. ``expert_paging=False`` reads every expert of a layer
+        each time it runs instead (layer paging: the baseline of the benchmark).
 
         Raises:
             FormatError: a malformed checkpoint (config or safetensors), or a GGUF file.
@@ -361,7 +364,7 @@ class PagedCausalLM:
                 direct_io=direct_io,
                 pin_embeddings=pin_embeddings,
                 tokenizer=tokenizer,
-                experts=(expert_cache, expert_policy),
+                experts=(expert_cache, expert_policy, expert_paging),
                 pager_options=pager_options,
             )
         )
@@ -380,7 +383,7 @@ class PagedCausalLM:
         direct_io: bool,
         pin_embeddings: bool | None,
         tokenizer: bool,
-        experts: tuple[float, CachePolicyName],
+        experts: tuple[float, CachePolicyName, bool],
         pager_options: dict[str, Any],
     ) -> PagedCausalLM:
         if max_concurrent_forwards < 1:
@@ -418,6 +421,7 @@ class PagedCausalLM:
                         cache_fraction=experts[0],
                     ),
                     experts[1],
+                    experts[2],
                 )
             )
             resident = await pager.acquire_many(

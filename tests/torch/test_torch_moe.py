@@ -107,6 +107,25 @@ async def test_moe_batched_forward_with_mask(moe_refs: dict[str, MoeReference]) 
         torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=0)
 
 
+async def test_a_batched_step_requests_the_union_of_its_rows_experts(
+    moe_refs: dict[str, MoeReference],
+) -> None:
+    ref = moe_refs["olmoe"]
+    ids = torch.tensor([[5], [77], [100]])  # three rows, one token each (a decode step)
+    with torch.inference_mode():
+        routers = ref.model(input_ids=ids, output_router_logits=True).router_logits
+    union = sum(len(set(r.topk(TOP_K, dim=-1).indices.flatten().tolist())) for r in routers)
+    rows = sum(len(set(r[i].topk(TOP_K).indices.tolist())) for r in routers for i in range(3))
+    assert union < rows  # the rows share experts: one request each layer serves them all
+    async with PagedCausalLM.open(
+        ref.path, budget_bytes=EVERYTHING, prefetch_depth=0, expert_cache=0.0
+    ) as lm:
+        await lm.forward(input_ids=ids, use_cache=False)
+        stats = lm.expert_stats()
+        assert stats is not None
+        assert stats.routed == stats.fetched == union
+
+
 async def test_moe_concurrent_generates(moe_refs: dict[str, MoeReference]) -> None:
     ref = moe_refs["mixtral"]
     async with PagedCausalLM.open(

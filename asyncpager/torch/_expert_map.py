@@ -201,13 +201,13 @@ def map_experts(
         if le.router is not None:
             rpath = next(n for n, m in parent.named_children() if m is le.router)
             for rattr in le.router._parameters:
-                ck = lookup(f"{parent_path(path)}.{rpath}.{rattr}")
+                ck = lookup(f"{_parent_path(path)}.{rpath}.{rattr}")
                 if ck is not None:
                     layout.router_names.append(ck)
     return layout, claimed, missing, mismatched
 
 
-def parent_path(path: str) -> str:
+def _parent_path(path: str) -> str:
     return path.rsplit(".", 1)[0] if "." in path else ""
 
 

@@ -46,6 +46,7 @@ from ..pager._lease import Lease, LeaseGroup
 from ..pager._pool import block_capacity
 from ._expert_cache import CachePolicyName, ExpertBudget, ExpertCachePolicy, plan_expert_budget
 from ._expert_map import ExpertLayout, ExpertParam, LayerExperts
+from ._expert_math import Weights, compute_experts
 from ._layers import ForwardCancelled, ForwardRun, LayerHooks, _LayerRequest
 from ._skeleton import Skeleton
 from ._tensors import weight_view
@@ -57,8 +58,6 @@ __all__ = ["BACKEND", "ExpertPager", "ExpertStats", "plan_experts", "register_ba
 
 BACKEND = "asyncpager"
 Key = tuple[int, int]
-#: expert -> parameter -> its tensors (per-expert parts, concatenated on dim 0)
-Weights = dict[str, list[torch.Tensor]]
 
 
 def register_backend() -> None:
@@ -246,7 +245,7 @@ class ExpertPager:
             try:
                 self._wait(run, req)
                 built = self._build(le, req)
-                _compute(module, req.lent, built, hidden, slots, k, out)
+                compute_experts(module, req.lent, built, hidden, slots, k, out)
             finally:
                 rest = req.rest
                 # the loop keeps or drops ``built`` (the only references left to
@@ -440,59 +439,6 @@ def expert_charge(pager: Pager, le: LayerExperts) -> int:
         else:
             total += max(sum(pager.charge_of(n) for n in part) for part in p.parts)
     return total
-
-
-def _linear(x: torch.Tensor, parts: list[torch.Tensor], transposed: bool) -> torch.Tensor:
-    if transposed:
-        w = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        return x @ w
-    # transformers' batched_mm (which grouped_mm matches bit for bit): one
-    # matrix-vector product per routed token, the weight broadcast (a view, no copy)
-    n = x.size(0)
-    outs = [torch.bmm(p.expand(n, *p.shape), x.unsqueeze(-1)).squeeze(-1) for p in parts]
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-
-
-def _compute(
-    module: Any,
-    lent: dict[int, Weights],
-    built: dict[int, Weights],
-    hidden: torch.Tensor,
-    slots: torch.Tensor,
-    k: int,
-    out: torch.Tensor,
-) -> None:
-    for e, weights in (*lent.items(), *built.items()):
-        _expert_slots(module, e, weights, hidden, slots, k, out)
-
-
-def _expert_slots(
-    module: Any,
-    e: int,
-    w: Weights,
-    hidden: torch.Tensor,
-    slots: torch.Tensor,
-    k: int,
-    out: torch.Tensor,
-) -> None:
-    """Write expert ``e``'s output for every (token, slot) routed to it into ``out``
-    (rows ``token * k + slot``), as transformers' experts forwards compute it."""
-    rows = torch.nonzero(slots == e).reshape(-1)
-    if rows.numel() == 0:
-        return
-    x = hidden[rows // k]
-    transposed = bool(module.is_transposed)
-    up_attr = "gate_up_proj" if module.has_gate else "up_proj"
-    h = _linear(x, w[up_attr], transposed)
-    if module.has_bias:
-        h = h + w[f"{up_attr}_bias"][0]
-    h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
-    h = _linear(h, w["down_proj"], transposed)
-    if module.has_bias:
-        h = h + w["down_proj_bias"][0]
-    if getattr(module, "has_post_expert_norm", False):
-        h = module.post_expert_norm(h)
-    out[rows] = h.to(out.dtype)
 
 
 def plan_experts(

@@ -50,6 +50,7 @@ bench: dev node-deps
 	$(BIN)/python scripts/bench_decode.py
 	$(BIN)/python scripts/bench_import.py
 	$(BIN)/python scripts/bench_torch.py
+	$(BIN)/python scripts/bench_moe.py
 	$(BIN)/python scripts/bench_remote.py
 	$(BIN)/python scripts/bench_emulators.py
 

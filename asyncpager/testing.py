@@ -34,6 +34,7 @@ from typing import Any, Literal, final
 from ._errors import SourceError
 from .sources._source import Source
 from .tools.synth import write_synthetic_gguf
+from .tools.synth_moe import synthetic_moe as synthetic_moe
 
 __all__ = [
     "GEMMA_CHAT_TEMPLATE",

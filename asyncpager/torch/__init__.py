@@ -9,6 +9,7 @@ through asyncpager (optional extra ``torch``: ``pip install 'asyncpager[torch]'`
 The core package never imports torch; importing this module does.
 """
 
+from ._experts import ExpertStats
 from ._layers import ForwardCancelled
 from ._lm import ForwardStats, PagedCausalLM
 from ._skeleton import CheckpointMismatch
@@ -16,6 +17,7 @@ from ._tensors import ReadOnlyTensor, as_tensor, torch_dtype
 
 __all__ = [
     "CheckpointMismatch",
+    "ExpertStats",
     "ForwardCancelled",
     "ForwardStats",
     "PagedCausalLM",

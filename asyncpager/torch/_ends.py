@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import inspect
 from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -45,8 +46,8 @@ def _owners(skeleton: Skeleton, name: str) -> list[nn.Module]:
 
 def pageable_ends(skeleton: Skeleton) -> list[str]:
     """The non-layer checkpoint tensors that can be served by rows: every module they
-    fill (as ``weight``) is an ``nn.Embedding`` or an ``nn.Linear``, at least one an
-    embedding or an output head."""
+    fill (as ``weight``) is an ``nn.Linear`` or an ``nn.Embedding`` given ids, at least
+    one an embedding or an output head."""
     out = []
     for name in skeleton.resident_names:
         slots = skeleton.slots[name]
@@ -56,9 +57,24 @@ def pageable_ends(skeleton: Skeleton) -> list[str]:
             and len(owners) == len(slots)
             and all(slot.attr == "weight" for slot in slots)
             and all(isinstance(m, nn.Embedding | nn.Linear) for m in owners)
+            and all(_takes_ids(m) for m in owners if isinstance(m, nn.Embedding))
         ):
             out.append(name)
     return out
+
+
+#: first ``forward`` argument names of an embedding looked up by the ids it is given
+_ID_ARGS = frozenset({"input", "input_ids", "ids", "x"})
+
+
+def _takes_ids(module: nn.Module) -> bool:
+    """An embedding whose ``forward`` looks up the ids it is passed; not one such as
+    OPT's learned positions, whose ``forward`` takes the attention mask and computes
+    the positions itself (it stays resident)."""
+    if type(module).forward is nn.Embedding.forward:
+        return True
+    params = list(inspect.signature(module.forward).parameters)
+    return bool(params) and params[0] in _ID_ARGS
 
 
 class PagedEnds:

@@ -109,17 +109,21 @@ class LayerHooks:
         loop: asyncio.AbstractEventLoop,
         *,
         depth: int,
+        early: bool | None = None,
+        names: dict[int, list[str]] | None = None,
     ) -> None:
         self._pager = pager
         self._loop = loop
-        self._early = depth >= 1
+        self._early = depth >= 1 if early is None else early
+        #: what a layer request acquires when not the whole index layer (MoE: no experts)
+        self._names = names
         self._local = threading.local()
         self._bind_lock = threading.Lock()
         self._bound: dict[int, int] = {}
         order = sorted(skeleton.layer_modules)
         self._next = {n: order[i + 1] for i, n in enumerate(order[:-1])}
         # the next token's first layer, hinted when the last layer starts (see module doc)
-        self._wrap = {order[-1]: order[0]} if depth >= 1 and order else {}
+        self._wrap = {order[-1]: order[0]} if self._early and order else {}
         self._bindings: dict[int, list[tuple[str, list[Slot], torch.dtype | None]]] = {
             n: [(ck, skeleton.slots[ck], skeleton.convert[ck]) for ck in skeleton.layer_names[n]]
             for n in order
@@ -148,6 +152,10 @@ class LayerHooks:
             run.requests.clear()
             if leftovers:
                 self._post(run, None, [], leftovers)
+
+    def current_run(self) -> ForwardRun:
+        """The forward running on this worker thread."""
+        return self._current()
 
     def _current(self) -> ForwardRun:
         run: ForwardRun | None = getattr(self._local, "run", None)
@@ -268,7 +276,7 @@ class LayerHooks:
             release.group.release()
             release.group = None
         if hint is not None and not self._pager.closed:
-            self._pager.prefetch(self._pager.layers[hint])
+            self._pager.prefetch(self._layer_names(hint))
         for req in start:
             if run.cancelled or self._pager.closed:
                 self._fail(req, ForwardCancelled() if run.cancelled else _closed())
@@ -278,14 +286,21 @@ class LayerHooks:
             )
             req.task = task
             run.tasks.add(task)
-            task.add_done_callback(functools.partial(self._granted, run, req))
+            task.add_done_callback(functools.partial(self.granted, run, req))
         for req in abandon:
             self._abandon(req)
 
+    def _layer_names(self, layer: int) -> list[str]:
+        return self._pager.layers[layer] if self._names is None else self._names[layer]
+
     async def _acquire(self, req: _LayerRequest) -> LeaseGroup:
+        if self._names is not None:
+            return await self._pager.acquire_many(self._names[req.layer])
         return await self._pager.acquire_layer(req.layer)
 
-    def _granted(self, run: ForwardRun, req: _LayerRequest, task: asyncio.Task[LeaseGroup]) -> None:
+    def granted(self, run: ForwardRun, req: _LayerRequest, task: asyncio.Task[LeaseGroup]) -> None:
+        """On the loop: ``req``'s acquire ended; hand its result to the worker (or
+        release it, when the request was abandoned meanwhile)."""
         run.tasks.discard(task)
         if task.cancelled():
             error: BaseException | None = ForwardCancelled()

@@ -41,6 +41,8 @@ from ..pager._pager import Pager
 from ..pager._pool import block_capacity
 from ._decode import DecodeLoop, as_ids, eos_ids
 from ._ends import PagedEnds, pageable_ends
+from ._expert_cache import CachePolicyName, ExpertBudget
+from ._experts import ExpertPager, ExpertStats, plan_experts
 from ._layers import ForwardCancelled, ForwardRun, LayerHooks
 from ._skeleton import Skeleton, build_skeleton, load_config
 from ._tensors import ReadOnlyTensor, torch_dtype, weight_view
@@ -239,6 +241,7 @@ class PagedCausalLM:
         max_concurrent_forwards: int,
         path: Path | str,
         paged: Sequence[str] = (),
+        experts: tuple[ExpertBudget, CachePolicyName, bool] | None = None,
     ) -> None:
         self.path = path
         self.config = prepared.config
@@ -251,7 +254,28 @@ class PagedCausalLM:
         self.model: Any = prepared.skeleton.model
         self._resident = resident
         self._loop = asyncio.get_running_loop()
-        self._hooks = LayerHooks(pager, prepared.skeleton, self._loop, depth=prefetch_depth)
+        self._hooks = LayerHooks(
+            pager,
+            prepared.skeleton,
+            self._loop,
+            depth=prefetch_depth,
+            early=None if experts is None else experts[0].early,
+            names=None if experts is None else prepared.skeleton.layer_names,
+        )
+        #: routed experts paged by expert (a MoE model), else None
+        self.experts: ExpertPager | None = None
+        if experts is not None and prepared.skeleton.experts is not None:
+            self.experts = ExpertPager(
+                pager,
+                prepared.skeleton.experts,
+                self._loop,
+                self._hooks,
+                experts[0],
+                policy=experts[1],
+                depth=prefetch_depth,
+                whole_layers=not experts[2],
+            )
+            max_concurrent_forwards = experts[0].forwards
         #: embedding / head tensors served by row gathers and row blocks (not pinned)
         self._ends = PagedEnds(pager, prepared.skeleton, self._loop, paged)
         self.paged_ends: tuple[str, ...] = tuple(paged)
@@ -283,6 +307,9 @@ class PagedCausalLM:
         direct_io: bool = False,
         pin_embeddings: bool | None = None,
         tokenizer: bool = True,
+        expert_cache: float = 0.5,
+        expert_policy: CachePolicyName = "lfru",
+        expert_paging: bool = True,
         **pager_options: Any,
     ) -> _OpenContext:
         """Open a Hugging Face checkpoint directory (``config.json`` and
@@ -307,6 +334,15 @@ class PagedCausalLM:
         blocks with the logits assembled block by block (``row_blocks``), tied
         weights included (``paged_ends`` names them).
 
+        Mixture-of-experts models (``docs/moe.md``) are paged by expert: a layer's
+        routed experts are acquired for the experts its router picked, the hot ones
+        kept leased in a cache of up to ``expert_cache`` of the budget (a fraction,
+        shrunk to leave room for the running layers) scored by ``expert_policy``
+        (``"lfru"``: decayed use counts; ``"lru"``), and with ``prefetch_depth >= 1``
+        the next layers' experts are guessed and prefetched. ``expert_stats()``
+        reports the counts. ``expert_paging=False`` reads every expert of a layer
+        each time it runs instead (layer paging: the baseline of the benchmark).
+
         Raises:
             FormatError: a malformed checkpoint (config or safetensors), or a GGUF file.
             CheckpointMismatch: the config's model does not match the weights (names
@@ -328,6 +364,7 @@ class PagedCausalLM:
                 direct_io=direct_io,
                 pin_embeddings=pin_embeddings,
                 tokenizer=tokenizer,
+                experts=(expert_cache, expert_policy, expert_paging),
                 pager_options=pager_options,
             )
         )
@@ -346,6 +383,7 @@ class PagedCausalLM:
         direct_io: bool,
         pin_embeddings: bool | None,
         tokenizer: bool,
+        experts: tuple[float, CachePolicyName, bool],
         pager_options: dict[str, Any],
     ) -> PagedCausalLM:
         if max_concurrent_forwards < 1:
@@ -360,8 +398,8 @@ class PagedCausalLM:
             budget_bytes=budget_bytes,
             pinned=[n for n in skeleton.resident_names if n not in paged],
             # the hooks request the next layer themselves (see _layers.py): the pager
-            # prefetches the layers beyond it
-            prefetch_depth=max(0, prefetch_depth - 1),
+            # prefetches the layers beyond it (not a MoE's: whole layers hold every expert)
+            prefetch_depth=max(0, prefetch_depth - 1) if skeleton.experts is None else 0,
             policy=policy,
             direct_io=direct_io,
             **remote,
@@ -370,6 +408,22 @@ class PagedCausalLM:
         try:
             pager.schedule = sorted(skeleton.layer_modules)
             _check_layer_fits(pager, skeleton, paged)
+            moe = (
+                None
+                if skeleton.experts is None
+                else (
+                    plan_experts(
+                        pager,
+                        skeleton,
+                        paged,
+                        forwards=max_concurrent_forwards,
+                        depth=prefetch_depth,
+                        cache_fraction=experts[0],
+                    ),
+                    experts[1],
+                    experts[2],
+                )
+            )
             resident = await pager.acquire_many(
                 [n for n in skeleton.resident_names if n not in paged]
             )
@@ -384,6 +438,7 @@ class PagedCausalLM:
                     max_concurrent_forwards=max_concurrent_forwards,
                     path=path,
                     paged=paged,
+                    experts=moe,
                 )
             except BaseException:
                 resident.release()
@@ -405,10 +460,14 @@ class PagedCausalLM:
         self._closed = True
         for run in list(self._runs):
             self._hooks.cancel(run)
+        if self.experts is not None:
+            self.experts.release_cache()
         await self.pager.close()
         await asyncio.to_thread(self._executor.shutdown, wait=True)
         self._hooks.remove()
         self._ends.remove()
+        if self.experts is not None:
+            self.experts.remove()
         # No forward runs any more: unbind the pinned tensors, then release them (the
         # modules must not keep the leased arrays alive past their release).
         _unbind_resident(self._skeleton, self._resident)
@@ -448,6 +507,10 @@ class PagedCausalLM:
         if reset:
             self._reset_stats()
         return s
+
+    def expert_stats(self, *, reset: bool = False) -> ExpertStats | None:
+        """A MoE model's expert counts (see :class:`ExpertStats`); None otherwise."""
+        return None if self.experts is None else self.experts.stats(reset=reset)
 
     async def forward(self, **model_kwargs: Any) -> Any:
         """``self.model(**model_kwargs)`` under ``torch.inference_mode`` on a worker
@@ -619,7 +682,12 @@ def _check_layer_fits(pager: Pager, skeleton: Skeleton, paged: Iterable[str] = (
     pinned = sum(pager.charge_of(n) for n in skeleton.resident_names if n not in set(paged))
     free = pager.budget_bytes - pinned
     needs = {
-        layer: sum(pager.charge_of(n) for n in pager.layers[layer])
+        layer: sum(
+            pager.charge_of(n)
+            for n in (
+                pager.layers[layer] if skeleton.experts is None else skeleton.layer_names[layer]
+            )
+        )
         for layer in skeleton.layer_modules
     }
     for layer, need in needs.items():

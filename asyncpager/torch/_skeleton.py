@@ -32,6 +32,7 @@ from torch import nn
 from .._errors import FormatError, PagerError
 from ..formats import ModelIndex
 from ..formats._index import layer_of
+from ._expert_map import ExpertLayout, conversion_rules, map_experts
 
 __all__ = ["CheckpointMismatch", "Skeleton", "Slot", "build_skeleton", "load_config"]
 
@@ -86,6 +87,8 @@ class Skeleton:
     layer_names: dict[int, list[str]] = field(default_factory=dict)
     #: checkpoint names outside the decoder layers (embeddings, final norm, head)
     resident_names: list[str] = field(default_factory=list)
+    #: routed experts of a mixture-of-experts model (``_expert_map.py``), else None
+    experts: ExpertLayout | None = None
 
 
 def load_config(path: Path) -> Any:
@@ -119,21 +122,13 @@ def load_config(path: Path) -> Any:
         raise FormatError(config_file, 0, f"transformers cannot read this config: {exc}") from exc
 
 
-def _renamers(model_type: str) -> list[tuple[re.Pattern[str], str]]:
+def _renamers(key: str) -> list[tuple[re.Pattern[str], str]]:
     """transformers' pure checkpoint -> model renames for an architecture (if any)."""
-    try:
-        from transformers import conversion_mapping
-
-        renaming: Any = getattr(conversion_mapping, "WeightRenaming")  # noqa: B009
-        rules = conversion_mapping.get_checkpoint_conversion_mapping(model_type) or []  # type: ignore[no-untyped-call]
-    except Exception:  # an older or newer transformers without this table
-        return []
-    out = []
-    for rule in rules:
-        if isinstance(rule, renaming):
-            for src, dst in zip(rule.source_patterns, rule.target_patterns, strict=False):
-                out.append((re.compile(src), dst))
-    return out
+    return [
+        (re.compile(src), dst)
+        for sources, targets in conversion_rules(key, "WeightRenaming")
+        for src, dst in zip(sources, targets, strict=False)
+    ]
 
 
 def _candidates(name: str, prefix: str) -> Iterable[str]:
@@ -168,7 +163,9 @@ def build_skeleton(
     model.eval()
     model.requires_grad_(False)
 
-    renames = _renamers(getattr(config, "model_type", ""))
+    # transformers registers some rules under the model's class name (GPT-NeoX's
+    # ``embed_out`` -> ``lm_head``), most under its ``model_type``
+    renames = _renamers(getattr(config, "model_type", "")) + _renamers(type(model).__name__)
     model_to_ckpt: dict[str, str] = {}
     for stored in index.tensors:
         model_to_ckpt.setdefault(stored, stored)
@@ -177,6 +174,14 @@ def build_skeleton(
             renamed = pattern.sub(repl, renamed)
         model_to_ckpt.setdefault(renamed, stored)
 
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    layout, claimed, missing, mismatched = map_experts(
+        model,
+        model_to_ckpt,
+        index,
+        lambda name: _candidates(name, prefix),
+        getattr(config, "model_type", ""),
+    )
     # One entry per distinct tensor object: tied weights share one.
     groups: dict[int, tuple[torch.Tensor, list[tuple[str, Slot]]]] = {}
     for mod_name, module in model.named_modules(remove_duplicate=False):
@@ -190,17 +195,14 @@ def build_skeleton(
         for table, attrs in tables:
             for attr in attrs:
                 t = table[attr]
-                if t is None:
+                if t is None or id(t) in claimed:  # experts: read, never bound
                     continue
                 full = f"{mod_name}.{attr}" if mod_name else attr
                 groups.setdefault(id(t), (t, []))[1].append((full, Slot(table, attr, t)))
 
-    prefix = getattr(model, "base_model_prefix", "") or ""
     slots: dict[str, list[Slot]] = {}
     convert: dict[str, torch.dtype | None] = {}
     layer_paths: dict[int, str] = {}
-    missing: list[str] = []
-    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
     for tensor, entries in groups.values():
         ck: str | None = next(
             (
@@ -241,9 +243,16 @@ def build_skeleton(
         convert=convert,
         layer_modules={n: model.get_submodule(p) for n, p in sorted(layer_paths.items())},
     )
+    routers = set(layout.router_names) if layout.layers else set()
+    skeleton.experts = layout if layout.layers else None
+    if layout.layers:  # the experts run through the paged backend (``_experts.py``)
+        from ._experts import BACKEND, register_backend
+
+        register_backend()
+        model.set_experts_implementation(BACKEND)
     for ck in slots:
         layer = layer_of(ck)
-        if layer is None:
+        if layer is None or ck in routers:  # a router is small and kept resident
             skeleton.resident_names.append(ck)
         else:
             skeleton.layer_names.setdefault(layer, []).append(ck)

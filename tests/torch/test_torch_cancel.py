@@ -7,12 +7,11 @@ layer) or behind leases the test itself holds."""
 from __future__ import annotations
 
 import asyncio
-import threading
-from typing import Any
 
 import pytest
 
 import asyncpager as ap
+from tests.support.gates import Gate
 from tests.support.pagers import PagerWatch
 from tests.support.torch_models import (
     PROMPTS,
@@ -32,23 +31,6 @@ NEW_TOKENS = 6
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Reference:
     return reference(save_tiny("llama", tmp_path_factory.mktemp("llama")), NEW_TOKENS)
-
-
-class Gate:
-    """A forward pre-hook that parks the worker thread at one decoder layer."""
-
-    def __init__(self, module: Any, *, on_call: int) -> None:
-        self.reached = threading.Event()
-        self.go = threading.Event()
-        self.calls = 0
-        self.on_call = on_call
-        self.handle = module.register_forward_pre_hook(self)
-
-    def __call__(self, module: Any, args: Any) -> None:
-        self.calls += 1
-        if self.calls == self.on_call:
-            self.reached.set()
-            self.go.wait()
 
 
 @pytest.mark.parametrize("prefetch", [0, 1, 2])

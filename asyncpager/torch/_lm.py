@@ -31,7 +31,7 @@ from typing import Any, Literal, Self, final
 
 import torch
 
-from .._errors import FormatError, PagerClosed
+from .._errors import PagerClosed
 from .._open import open as open_pager
 from .._sizes import parse_size
 from ..formats import read_index
@@ -108,7 +108,9 @@ class _Prepared:
         dtype: str | torch.dtype | None,
         tokenizer: bool,
         remote: dict[str, Any] | None = None,
+        arenas: int = 2,
     ) -> None:
+        self.arenas = arenas
         if isinstance(path, str):
             remote = remote or {}
             self.index = read_index(
@@ -117,6 +119,12 @@ class _Prepared:
                 cache_dir=remote.get("cache_dir"),
                 cache_bytes=remote.get("cache_bytes"),
             )
+            if self.index.format == "gguf":
+                from ._gguf import local_gguf_header
+
+                with local_gguf_header(path, self.index, remote.get("storage_options")) as local:
+                    self._load(local, dtype, tokenizer)
+                return
             with _local_files(path, remote) as local:
                 self._load(local, dtype, tokenizer)
         else:
@@ -124,13 +132,13 @@ class _Prepared:
             self._load(path, dtype, tokenizer)
 
     def _load(self, path: Path, dtype: str | torch.dtype | None, tokenizer: bool) -> None:
-        if self.index.format != "safetensors":
-            raise FormatError(
-                path,
-                0,
-                "PagedCausalLM needs a Hugging Face checkpoint (config.json and "
-                "safetensors), not a GGUF file",
-            )
+        if self.index.format == "gguf":  # quantized residency: see _gguf.py
+            from ._gguf import open_gguf
+
+            gguf = open_gguf(path, self.index, dtype, tokenizer, self.arenas)
+            self.config, self.dtype, self.skeleton, self.tokenizer = gguf[:4]
+            self.generation_config = gguf[4]
+            return
         self.config = load_config(path)
         self.dtype = _resolve_dtype(dtype, self.config, _stored_float_dtype(self.index))
         self.skeleton: Skeleton = build_skeleton(path, self.config, self.index, self.dtype)
@@ -353,7 +361,11 @@ class PagedCausalLM:
         remote = {k: pager_options.pop(k) for k in _REMOTE_OPTIONS if k in pager_options}
         prepared = await asyncio.to_thread(_Prepared, path, dtype, tokenizer, remote)
         skeleton = prepared.skeleton
+        quantized = skeleton.quantized
+        if quantized is not None:  # its dequantization buffers come off the budget
+            budget_bytes = quantized.pager_budget(budget_bytes)
         paged = _ends_to_page(prepared.index, skeleton, budget_bytes, pin_embeddings)
+        served = pageable_ends(skeleton) if quantized is not None else paged
         pager = open_pager(
             path,
             index=prepared.index,
@@ -374,7 +386,7 @@ class PagedCausalLM:
                 [n for n in skeleton.resident_names if n not in paged]
             )
             try:
-                _bind_resident(skeleton, resident)
+                _bind_resident(skeleton, resident, served)
                 return cls(
                     prepared,
                     pager,
@@ -383,13 +395,15 @@ class PagedCausalLM:
                     torch_threads=torch_threads,
                     max_concurrent_forwards=max_concurrent_forwards,
                     path=path,
-                    paged=paged,
+                    paged=served,
                 )
             except BaseException:
                 resident.release()
                 raise
         except BaseException:
             await pager.close()
+            if quantized is not None:
+                quantized.close()
             raise
 
     @property
@@ -413,6 +427,8 @@ class PagedCausalLM:
         # modules must not keep the leased arrays alive past their release).
         _unbind_resident(self._skeleton, self._resident)
         self._resident.release()
+        if self._skeleton.quantized is not None:
+            self._skeleton.quantized.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -633,8 +649,14 @@ def _unbind_resident(skeleton: Skeleton, group: LeaseGroup) -> None:
             slot.table[slot.attr] = slot.placeholder
 
 
-def _bind_resident(skeleton: Skeleton, group: LeaseGroup) -> None:
+def _bind_resident(skeleton: Skeleton, group: LeaseGroup, served: Sequence[str] = ()) -> None:
+    quantized = skeleton.quantized
     for name, lease in group.items():
+        if quantized is not None:  # dequantized once; ends served by rows stay unbound
+            if name not in served:
+                for slot in skeleton.slots[name]:
+                    slot.table[slot.attr] = quantized.materialize(name, lease.array)
+            continue
         convert = skeleton.convert[name]
         t = weight_view(lease.array, convert)
         if convert is None:  # the pager's memory, bound for the LM's lifetime: guarded

@@ -295,7 +295,9 @@ class PagedCausalLM:
     ) -> _OpenContext:
         """Open a Hugging Face checkpoint directory (``config.json`` and
         ``model.safetensors`` or a sharded ``model.safetensors.index.json``; tokenizer
-        files if present) with its decoder layers paged under ``budget_bytes`` (bytes
+        files if present), or a GGUF file (config, tokenizer and chat template from its
+        metadata; weights kept quantized, see ``docs/gguf.md``), with its decoder
+        layers paged under ``budget_bytes`` (bytes
         or a size such as ``"300MiB"``; it covers the pinned non-layer tensors too).
         ``path`` may be the URL of such a directory in object storage (``s3://``,
         ``gs://``, ``az://``, ``https://``): the weights are paged from it, and
@@ -316,7 +318,9 @@ class PagedCausalLM:
         weights included (``paged_ends`` names them).
 
         Raises:
-            FormatError: a malformed checkpoint (config or safetensors), or a GGUF file.
+            FormatError: a malformed checkpoint (config, safetensors or GGUF), or a
+                GGUF tensor whose block type cannot be dequantized or does not match
+                its data.
             CheckpointMismatch: the config's model does not match the weights (names
                 the missing tensors and mismatched shapes).
             BudgetExceeded: the non-layer tensors plus one decoder layer do not fit.
@@ -405,6 +409,14 @@ class PagedCausalLM:
             if quantized is not None:
                 quantized.close()
             raise
+
+    @property
+    def dequant_buffer_bytes(self) -> int:
+        """For a GGUF: the bytes of the compute-dtype buffers its quantized weights are
+        dequantized into, taken off ``budget_bytes`` before the pager gets the rest
+        (the pager's budget counts the file's quantized bytes). 0 for a checkpoint."""
+        q = self._skeleton.quantized
+        return 0 if q is None else int(q.reserved_bytes)
 
     @property
     def closed(self) -> bool:

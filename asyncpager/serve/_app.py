@@ -65,7 +65,7 @@ _ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 @dataclass(frozen=True, slots=True)
 class ServeConfig:
-    model: Path
+    model: Path | str
     budget_bytes: int
     host: str = "127.0.0.1"
     port: int = 8000

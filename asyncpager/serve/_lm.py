@@ -14,7 +14,7 @@ __all__ = ["open_lm"]
 
 @contextlib.asynccontextmanager
 async def open_lm(
-    path: Path,
+    path: Path | str,
     *,
     budget_bytes: int,
     prefetch_depth: int,

@@ -25,9 +25,19 @@ __all__ = ["add_arguments", "serve"]
 log = logging.getLogger("asyncpager.serve")
 
 
+def _model_path(text: str) -> Path | str:
+    from ..formats._open import is_url
+
+    return text if is_url(text) else Path(text)
+
+
 def add_arguments(p: argparse.ArgumentParser, size: Any, positive: Any, nonneg: Any) -> None:
     """The ``serve`` options (``size``/``positive``/``nonneg`` are the CLI's parsers)."""
-    p.add_argument("model", type=Path, help="a Hugging Face checkpoint directory")
+    p.add_argument(
+        "model",
+        type=_model_path,
+        help="a Hugging Face checkpoint directory or a GGUF file (or its URL)",
+    )
     p.add_argument("--budget", required=True,
                    help="RAM for weights: 300MiB, or 50%% of the checkpoint")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")

@@ -134,7 +134,7 @@ async def test_a_mislabelled_block_type_is_a_format_error(tmp_path: Path) -> Non
     path = write_tiny_gguf(tmp_path / "llama.gguf", "llama")
     bad = tmp_path / "bad.gguf"
     _retype(path, bad, "token_embd.weight", 2)  # Q8_0 blocks declared as Q4_0
-    with pytest.raises(FormatError, match="token_embd.weight.*does not match its data"):
+    with pytest.raises(FormatError, match=r"token_embd\.weight.*does not match its data"):
         await PagedCausalLM.open(bad, budget_bytes="64MiB", tokenizer=False)
     _retype(path, bad, "blk.0.attn_q.weight", 16)  # a type with no dequantization
     with pytest.raises(FormatError, match="IQ2_XXS"):

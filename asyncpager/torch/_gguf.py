@@ -112,7 +112,8 @@ def load_gguf(local: Path, index: ModelIndex, tokenizer: bool) -> GGUFLoaded:
     except (ValueError, KeyError, NotImplementedError) as exc:
         raise FormatError(index.path, 0, f"transformers cannot read this GGUF: {exc}") from exc
     # the processor reads head counts under their transformers names, as the loader's does
-    processor = TENSOR_PROCESSORS.get(_arch(index), TensorProcessor)(config=config.to_dict())
+    processor_class: Any = TENSOR_PROCESSORS.get(_arch(index), TensorProcessor)
+    processor = processor_class(config=config.to_dict())
     tok = None
     if tokenizer:  # given the config, transformers reads only the tokenizer's metadata
         tok = AutoTokenizer.from_pretrained(str(local.parent), gguf_file=local.name, config=config)

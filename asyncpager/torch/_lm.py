@@ -111,6 +111,7 @@ class _Prepared:
         arenas: int = 2,
     ) -> None:
         self.arenas = arenas
+        self.skeleton: Skeleton
         if isinstance(path, str):
             remote = remote or {}
             self.index = read_index(
@@ -141,7 +142,7 @@ class _Prepared:
             return
         self.config = load_config(path)
         self.dtype = _resolve_dtype(dtype, self.config, _stored_float_dtype(self.index))
-        self.skeleton: Skeleton = build_skeleton(path, self.config, self.index, self.dtype)
+        self.skeleton = build_skeleton(path, self.config, self.index, self.dtype)
         self.tokenizer = _load_tokenizer(path) if tokenizer else None
         self.generation_config = _load_generation_config(path, self.config)
 

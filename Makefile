@@ -44,6 +44,8 @@ bench: dev
 	$(BIN)/python scripts/bench_decode.py
 	$(BIN)/python scripts/bench_import.py
 	$(BIN)/python scripts/bench_torch.py
+	$(BIN)/python scripts/bench_dequant.py
+	$(BIN)/python scripts/bench_gguf.py
 	$(BIN)/python scripts/bench_remote.py
 
 # Long runs, not part of `make test`.

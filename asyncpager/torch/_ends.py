@@ -99,7 +99,7 @@ class PagedEnds:
 
     def _bind(self, name: str, lease: Lease, convert: torch.dtype | None) -> torch.Tensor:
         if self._quantized is not None:  # a GGUF's rows: dequantized (a copy)
-            return self._quantized.materialize(name, lease.array).requires_grad_(True)  # type: ignore[no-any-return]
+            return self._quantized.materialize_rows(name, lease.array)  # type: ignore[no-any-return]
         return weight_view(lease.array, convert)  # requires_grad as the bridge binds
 
     def _embedding_forward(
@@ -171,7 +171,7 @@ class PagedEnds:
             bias = module.bias
             parts = []
             for at in range(0, len(array), step):
-                weight = q.materialize(name, array[at : at + step]).requires_grad_(True)
+                weight = q.materialize_rows(name, array[at : at + step])
                 start = row + at
                 b = bias[start : start + weight.shape[0]] if bias is not None else None
                 parts.append(F.linear(x, weight, b))

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -115,8 +116,17 @@ def load_gguf(local: Path, index: ModelIndex, tokenizer: bool) -> GGUFLoaded:
     processor_class: Any = TENSOR_PROCESSORS.get(_arch(index), TensorProcessor)
     processor = processor_class(config=config.to_dict())
     tok = None
-    if tokenizer:  # given the config, transformers reads only the tokenizer's metadata
-        tok = AutoTokenizer.from_pretrained(str(local.parent), gguf_file=local.name, config=config)
+    # like a checkpoint without tokenizer files, a GGUF without tokenizer metadata has none;
+    # given the config, transformers reads only the tokenizer's metadata
+    if tokenizer and "tokenizer.ggml.model" in index.metadata:
+        try:
+            tok = AutoTokenizer.from_pretrained(
+                str(local.parent), gguf_file=local.name, config=config
+            )
+        except (ValueError, KeyError) as exc:
+            raise FormatError(
+                index.path, 0, f"transformers cannot build this GGUF's tokenizer: {exc}"
+            ) from exc
     return GGUFLoaded(
         config=config,
         tokenizer=tok,
@@ -239,7 +249,11 @@ class QuantizedWeights:
             initializer=torch.set_num_threads,
             initargs=(1,),
         )
-        self.dequant_ns = 0
+        #: nanoseconds spent dequantizing: decoder layers (on the dequant thread) and
+        #: rows of the row-served ends (on the forwards' workers)
+        self.layer_ns = 0
+        self.rows_ns = 0
+        self._rows_lock = threading.Lock()
         self.reserved_bytes = (
             arenas * self.layer_elements * dtype.itemsize + 2 * HEAD_CHUNK_ELEMENTS * dtype.itemsize
         )
@@ -306,6 +320,14 @@ class QuantizedWeights:
         except ValueError as exc:
             raise FormatError(self.index.path, info.offset, f"tensor {name!r}: {exc}") from None
 
+    def materialize_rows(self, name: str, raw: np.ndarray[Any, Any]) -> torch.Tensor:
+        """:meth:`materialize` for the row-served ends, timed into ``rows_ns``."""
+        t0 = perf_counter_ns()
+        out = self.materialize(name, raw).requires_grad_(True)
+        with self._rows_lock:
+            self.rows_ns += perf_counter_ns() - t0
+        return out
+
     # -------------------------------------------------------------- layers
 
     def prepare(self, group: LeaseGroup, names: list[str]) -> Prepared:
@@ -315,8 +337,6 @@ class QuantizedWeights:
         return prepared
 
     def _fill(self, prepared: Prepared, group: LeaseGroup, names: list[str]) -> None:
-        from time import perf_counter_ns
-
         try:
             with self._cond:
                 while not self._free:
@@ -334,7 +354,7 @@ class QuantizedWeights:
                 view = arena.flat[at : at + n].view(shape)
                 prepared.tensors[name] = self.materialize(name, array, view).requires_grad_(True)
                 at += n
-            self.dequant_ns += perf_counter_ns() - t0
+            self.layer_ns += perf_counter_ns() - t0
         except BaseException as exc:
             prepared.future.set_exception(exc)
         else:

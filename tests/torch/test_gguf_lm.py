@@ -7,6 +7,7 @@ never holds more than its budget of quantized bytes; bad block types are refused
 
 from __future__ import annotations
 
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 import asyncpager as ap
 from asyncpager import FormatError
 from tests.support.gguf_models import GGUF_ARCHS, write_tiny_gguf
+from tests.support.remote_servers import RangeServer
 from tests.support.torch_models import assert_no_leases, layer_charge
 
 torch = pytest.importorskip("torch")
@@ -147,3 +149,15 @@ async def test_a_truncated_file_is_a_format_error(tmp_path: Path) -> None:
     cut.write_bytes(path.read_bytes()[:-4096])
     with pytest.raises(FormatError, match="extends past the end of the file"):
         await PagedCausalLM.open(cut, budget_bytes="64MiB", tokenizer=False)
+
+
+async def test_a_gguf_url_is_paged_from_the_server(
+    tiny_gguf: GGUFReference, range_server: RangeServer
+) -> None:
+    shutil.copy(tiny_gguf.path, range_server.root / tiny_gguf.path.name)
+    url = f"{range_server.url}/{tiny_gguf.path.name}"
+    async with PagedCausalLM.open(url, budget_bytes="64MiB") as lm:
+        assert lm.tokenizer is not None  # from the header fetched by ranged reads
+        for prompt, expected in tiny_gguf.greedy.items():
+            assert await lm.generate(list(prompt), NEW_TOKENS, stop=()) == expected
+        assert lm.pager.stats().bytes_read > 0

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -372,12 +372,3 @@ class QuantizedWeights:
                     self._cond.notify()
 
         prepared.future.add_done_callback(done)
-
-
-def after_prepared(prepared: Prepared | None, action: Callable[[], None]) -> None:
-    """Run ``action`` now when nothing is being dequantized from the leases it frees,
-    else once that dequantization has finished (on the dequant thread)."""
-    if prepared is None or prepared.future.done():
-        action()
-    else:
-        prepared.future.add_done_callback(lambda _: action())

@@ -51,6 +51,8 @@ bench: dev node-deps
 	$(BIN)/python scripts/bench_import.py
 	$(BIN)/python scripts/bench_torch.py
 	$(BIN)/python scripts/bench_moe.py
+	$(BIN)/python scripts/bench_dequant.py
+	$(BIN)/python scripts/bench_gguf.py
 	$(BIN)/python scripts/bench_remote.py
 	$(BIN)/python scripts/bench_emulators.py
 

@@ -37,8 +37,8 @@ def add_arguments(
 ) -> None:
     """The ``serve`` options (``size``/``positive``/``nonneg``/``budget`` are the CLI's
     parsers); every help text states its default."""
-    p.add_argument("model", help="a Hugging Face checkpoint directory, or its URL in object "
-                   "storage (s3://, gs://, az://, https://)")  # fmt: skip
+    p.add_argument("model", help="a Hugging Face checkpoint directory or a GGUF file, or its URL "
+                   "in object storage (s3://, gs://, az://, https://)")  # fmt: skip
     p.add_argument("--budget", type=budget, default="50%", metavar="SIZE|N%",
                    help="RAM for weights, pinned ones included: a size (300MiB) or a share "
                    "of the checkpoint's weights (every tensor) (default: %(default)s)")  # fmt: skip

@@ -42,6 +42,12 @@ class GenerateReport:
     pinned_bytes: int
     torch_threads: int
     paged_ends: tuple[str, ...] = ()
+    #: a GGUF: its quantized weight bytes, their block types, and the compute-dtype
+    #: buffers they are dequantized into (0 for a checkpoint)
+    dequant_buffer_bytes: int = 0
+    weight_bytes: int = 0
+    block_types: tuple[str, ...] = ()
+    dtype: str = ""
 
 
 async def generate_streaming(args: argparse.Namespace, out: TextIO) -> GenerateReport:
@@ -104,6 +110,10 @@ async def generate_streaming(args: argparse.Namespace, out: TextIO) -> GenerateR
             pinned_bytes=pinned,
             torch_threads=lm.torch_threads,
             paged_ends=lm.paged_ends,
+            dequant_buffer_bytes=lm.dequant_buffer_bytes,
+            weight_bytes=lm.index.nbytes,
+            block_types=tuple(sorted({t.file_dtype or "" for t in lm.index.tensors.values()})),
+            dtype=str(lm.dtype).removeprefix("torch."),
         )
 
 
@@ -132,6 +142,15 @@ def describe(r: GenerateReport) -> list[str]:
             else f"({format_size(r.pinned_bytes)} pinned: embeddings, final norm, head)"
         ),
     ]
+    if r.dequant_buffer_bytes:
+        held = r.budget_bytes - r.dequant_buffer_bytes
+        lines.append(
+            f"quantized residency: the budget holds the GGUF's own bytes "
+            f"({', '.join(r.block_types)}): {format_size(held)} for its "
+            f"{format_size(r.weight_bytes)} of weights ({min(1.0, held / r.weight_bytes):.0%} "
+            f"fits), plus {format_size(r.dequant_buffer_bytes)} of {r.dtype} buffers "
+            "they are dequantized into"
+        )
     return lines
 
 
@@ -158,6 +177,8 @@ def _reference(args: argparse.Namespace, r: GenerateReport) -> dict[str, Any]:
         cmd += ["--dtype", args.dtype]
     if args.seed is not None:
         cmd += ["--seed", str(args.seed)]
+    if args.dtype is not None:
+        cmd += ["--dtype", str(args.dtype)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]

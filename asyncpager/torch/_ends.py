@@ -92,6 +92,7 @@ class PagedEnds:
         self._loop = loop
         self.names = list(names)
         self._patched: list[nn.Module] = []
+        self._quantized = skeleton.quantized
         for name in self.names:
             convert = skeleton.convert[name]
             for module in _owners(skeleton, name):
@@ -112,7 +113,9 @@ class PagedEnds:
     def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def _bind(self, lease: Lease, convert: torch.dtype | None) -> torch.Tensor:
+    def _bind(self, name: str, lease: Lease, convert: torch.dtype | None) -> torch.Tensor:
+        if self._quantized is not None:  # a GGUF's rows: dequantized (a copy)
+            return self._quantized.materialize_rows(name, lease.array)  # type: ignore[no-any-return]
         return weight_view(lease.array, convert)  # requires_grad as the bridge binds
 
     def _embedding_forward(
@@ -127,7 +130,7 @@ class PagedEnds:
         def embed(lease: Lease, ids: torch.Tensor, args: Any, kwargs: Any) -> torch.Tensor:
             # Its own frame: the views of the leased rows die when it returns, before
             # the lease is released.
-            rows = self._bind(lease, convert)
+            rows = self._bind(name, lease, convert)
             private = copy.copy(module)
             private._parameters = dict(module._parameters)
             private._parameters["weight"] = rows  # type: ignore[assignment]
@@ -166,10 +169,29 @@ class PagedEnds:
         def block_logits(lease: Lease, x: torch.Tensor, row: int) -> torch.Tensor:
             # Its own frame: the view of the leased block dies when it returns, before
             # the block is released (as the next one is taken).
-            weight = self._bind(lease, convert)
+            if self._quantized is not None:
+                return quantized_block_logits(lease, x, row)
+            weight = self._bind(name, lease, convert)
             bias = module.bias
             b = bias[row : row + weight.shape[0]] if bias is not None else None
             return F.linear(x, weight, b)
+
+        def quantized_block_logits(lease: Lease, x: torch.Tensor, row: int) -> torch.Tensor:
+            # A block of quantized rows, dequantized a bounded chunk of rows at a time.
+            from ._gguf import HEAD_CHUNK_ELEMENTS
+
+            q = self._quantized
+            array = lease.array
+            width = x.shape[-1]
+            step = max(1, HEAD_CHUNK_ELEMENTS // max(1, width))
+            bias = module.bias
+            parts = []
+            for at in range(0, len(array), step):
+                weight = q.materialize_rows(name, array[at : at + step])
+                start = row + at
+                b = bias[start : start + weight.shape[0]] if bias is not None else None
+                parts.append(F.linear(x, weight, b))
+            return torch.cat(parts, dim=-1)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             blocks = self._run(start())

@@ -47,6 +47,7 @@ from ._tensors import weight_view
 
 if TYPE_CHECKING:
     from ..pager._pager import Pager
+    from ._gguf import Prepared
 
 __all__ = ["ForwardCancelled", "ForwardRun", "LayerHooks"]
 
@@ -59,7 +60,7 @@ class _LayerRequest:
     """One ``acquire_layer`` on behalf of a forward: made on the loop, consumed by the
     worker. ``done`` is set (on the loop) once ``group`` or ``error`` is final."""
 
-    __slots__ = ("abandoned", "done", "error", "group", "layer", "task")
+    __slots__ = ("abandoned", "done", "error", "group", "layer", "prepared", "task")
 
     def __init__(self, layer: int) -> None:
         self.layer = layer
@@ -68,6 +69,8 @@ class _LayerRequest:
         self.error: BaseException | None = None
         self.task: asyncio.Task[LeaseGroup] | None = None
         self.abandoned = False
+        #: the layer's dequantization (quantized weights only; see ``_gguf.py``)
+        self.prepared: Prepared | None = None
 
 
 class ForwardRun:
@@ -120,10 +123,13 @@ class LayerHooks:
         self._local = threading.local()
         self._bind_lock = threading.Lock()
         self._bound: dict[int, int] = {}
+        self._quantized = skeleton.quantized
+        self._prepared: dict[int, Prepared] = {}
         order = sorted(skeleton.layer_modules)
         self._next = {n: order[i + 1] for i, n in enumerate(order[:-1])}
         # the next token's first layer, hinted when the last layer starts (see module doc)
         self._wrap = {order[-1]: order[0]} if self._early and order else {}
+        self._layer_ckpt = {n: list(skeleton.layer_names[n]) for n in order}
         self._bindings: dict[int, list[tuple[str, list[Slot], torch.dtype | None]]] = {
             n: [(ck, skeleton.slots[ck], skeleton.convert[ck]) for ck in skeleton.layer_names[n]]
             for n in order
@@ -204,7 +210,7 @@ class LayerHooks:
                 raise req.error
             assert req.group is not None
             t0 = perf_counter_ns()
-            self._bind(layer, req.group)
+            self._bind(layer, req)
             run.bound = layer
             run.bind_ns += perf_counter_ns() - t0
             run.binds += 1
@@ -223,9 +229,15 @@ class LayerHooks:
     # same layer share one binding (their leases are on the same resident tensors, so
     # the bound memory is valid while any of them holds its lease), counted per layer.
 
-    def _bind(self, layer: int, group: LeaseGroup) -> None:
+    def _bind(self, layer: int, req: _LayerRequest) -> None:
+        group = req.group
+        assert group is not None
         with self._bind_lock:
             count = self._bound.get(layer, 0)
+            if self._quantized is not None:
+                self._bind_quantized(layer, req, shared=count > 0)
+                self._bound[layer] = count + 1
+                return
             self._bound[layer] = count + 1
             if count:
                 return
@@ -239,6 +251,24 @@ class LayerHooks:
                 for slot in slots:
                     slot.table[slot.attr] = t
 
+    def _bind_quantized(self, layer: int, req: _LayerRequest, *, shared: bool) -> None:
+        """Bind the layer's dequantized tensors (waiting for the dequant thread), or,
+        when another forward has the layer bound already, give this one's back."""
+        assert self._quantized is not None
+        prepared = req.prepared
+        assert prepared is not None
+        if shared:
+            req.prepared = None
+            self._quantized.give_back(prepared)
+            return
+        prepared.future.result()  # raises what dequantizing raised
+        req.prepared = None
+        self._prepared[layer] = prepared
+        for ck, slots, _ in self._bindings[layer]:
+            t = prepared.tensors[ck]
+            for slot in slots:
+                slot.table[slot.attr] = t
+
     def _unbind(self, run: ForwardRun) -> None:
         layer, run.bound = run.bound, None
         if layer is None:
@@ -248,6 +278,9 @@ class LayerHooks:
             self._bound[layer] = count
             if count:
                 return
+            prepared = self._prepared.pop(layer, None)
+            if prepared is not None and self._quantized is not None:
+                self._quantized.give_back(prepared)
             for _, slots, _ in self._bindings[layer]:
                 for slot in slots:
                     slot.table[slot.attr] = slot.placeholder
@@ -272,9 +305,8 @@ class LayerHooks:
         abandon: list[_LayerRequest],
         hint: int | None,
     ) -> None:
-        if release is not None and release.group is not None:
-            release.group.release()
-            release.group = None
+        if release is not None:
+            self._release(release)
         if hint is not None and not self._pager.closed:
             self._pager.prefetch(self._layer_names(hint))
         for req in start:
@@ -314,7 +346,24 @@ class LayerHooks:
             return
         req.group = group
         req.error = error
+        if group is not None and self._quantized is not None:
+            req.prepared = self._quantized.prepare(group, self._layer_ckpt[req.layer])
         req.done.set()
+
+    def _release(self, req: _LayerRequest) -> None:
+        """Release ``req``'s leases (on the loop), after any dequantization still
+        reading them has finished; its arena goes back to the free set."""
+        group, req.group = req.group, None
+        prepared, req.prepared = req.prepared, None
+        if prepared is not None and self._quantized is not None:
+            self._quantized.give_back(prepared)
+        if group is None:
+            return
+        if prepared is None or prepared.future.done():
+            group.release()
+        else:
+            loop = self._loop
+            prepared.future.add_done_callback(lambda _: loop.call_soon_threadsafe(group.release))
 
     def _fail(self, req: _LayerRequest, error: BaseException) -> None:
         req.error = error
@@ -323,8 +372,7 @@ class LayerHooks:
     def _abandon(self, req: _LayerRequest) -> None:
         req.abandoned = True
         if req.group is not None:
-            req.group.release()
-            req.group = None
+            self._release(req)
         elif req.task is not None and not req.task.done():
             req.task.cancel()
         if not req.done.is_set():

@@ -31,7 +31,7 @@ from typing import Any, Literal, Self, final
 
 import torch
 
-from .._errors import FormatError, PagerClosed
+from .._errors import PagerClosed
 from .._open import open as open_pager
 from .._sizes import parse_size
 from ..formats import read_index
@@ -110,7 +110,10 @@ class _Prepared:
         dtype: str | torch.dtype | None,
         tokenizer: bool,
         remote: dict[str, Any] | None = None,
+        arenas: int = 2,
     ) -> None:
+        self.arenas = arenas
+        self.skeleton: Skeleton
         if isinstance(path, str):
             remote = remote or {}
             self.index = read_index(
@@ -119,6 +122,12 @@ class _Prepared:
                 cache_dir=remote.get("cache_dir"),
                 cache_bytes=remote.get("cache_bytes"),
             )
+            if self.index.format == "gguf":
+                from ._gguf import local_gguf_header
+
+                with local_gguf_header(path, self.index, remote.get("storage_options")) as local:
+                    self._load(local, dtype, tokenizer)
+                return
             with _local_files(path, remote) as local:
                 self._load(local, dtype, tokenizer)
         else:
@@ -126,16 +135,16 @@ class _Prepared:
             self._load(path, dtype, tokenizer)
 
     def _load(self, path: Path, dtype: str | torch.dtype | None, tokenizer: bool) -> None:
-        if self.index.format != "safetensors":
-            raise FormatError(
-                path,
-                0,
-                "PagedCausalLM needs a Hugging Face checkpoint (config.json and "
-                "safetensors), not a GGUF file",
-            )
+        if self.index.format == "gguf":  # quantized residency: see _gguf.py
+            from ._gguf import open_gguf
+
+            gguf = open_gguf(path, self.index, dtype, tokenizer, self.arenas)
+            self.config, self.dtype, self.skeleton, self.tokenizer = gguf[:4]
+            self.generation_config = gguf[4]
+            return
         self.config = load_config(path)
         self.dtype = _resolve_dtype(dtype, self.config, _stored_float_dtype(self.index))
-        self.skeleton: Skeleton = build_skeleton(path, self.config, self.index, self.dtype)
+        self.skeleton = build_skeleton(path, self.config, self.index, self.dtype)
         self.tokenizer = _load_tokenizer(path) if tokenizer else None
         self.generation_config = _load_generation_config(path, self.config)
 
@@ -314,7 +323,9 @@ class PagedCausalLM:
     ) -> _OpenContext:
         """Open a Hugging Face checkpoint directory (``config.json`` and
         ``model.safetensors`` or a sharded ``model.safetensors.index.json``; tokenizer
-        files if present) with its decoder layers paged under ``budget_bytes`` (bytes
+        files if present), or a GGUF file (config, tokenizer and chat template from its
+        metadata; weights kept quantized, see ``docs/gguf.md``), with its decoder
+        layers paged under ``budget_bytes`` (bytes
         or a size such as ``"300MiB"``; it covers the pinned non-layer tensors too).
         ``path`` may be the URL of such a directory in object storage (``s3://``,
         ``gs://``, ``az://``, ``https://``): the weights are paged from it, and
@@ -344,7 +355,9 @@ class PagedCausalLM:
         each time it runs instead (layer paging: the baseline of the benchmark).
 
         Raises:
-            FormatError: a malformed checkpoint (config or safetensors), or a GGUF file.
+            FormatError: a malformed checkpoint (config, safetensors or GGUF), or a
+                GGUF tensor whose block type cannot be dequantized or does not match
+                its data.
             CheckpointMismatch: the config's model does not match the weights (names
                 the missing tensors and mismatched shapes).
             BudgetExceeded: the non-layer tensors plus one decoder layer do not fit.
@@ -391,7 +404,11 @@ class PagedCausalLM:
         remote = {k: pager_options.pop(k) for k in _REMOTE_OPTIONS if k in pager_options}
         prepared = await asyncio.to_thread(_Prepared, path, dtype, tokenizer, remote)
         skeleton = prepared.skeleton
+        quantized = skeleton.quantized
+        if quantized is not None:  # its dequantization buffers come off the budget
+            budget_bytes = quantized.pager_budget(budget_bytes)
         paged = _ends_to_page(prepared.index, skeleton, budget_bytes, pin_embeddings)
+        served = pageable_ends(skeleton) if quantized is not None else paged
         pager = open_pager(
             path,
             index=prepared.index,
@@ -428,7 +445,7 @@ class PagedCausalLM:
                 [n for n in skeleton.resident_names if n not in paged]
             )
             try:
-                _bind_resident(skeleton, resident)
+                _bind_resident(skeleton, resident, served)
                 return cls(
                     prepared,
                     pager,
@@ -437,7 +454,7 @@ class PagedCausalLM:
                     torch_threads=torch_threads,
                     max_concurrent_forwards=max_concurrent_forwards,
                     path=path,
-                    paged=paged,
+                    paged=served,
                     experts=moe,
                 )
             except BaseException:
@@ -445,7 +462,17 @@ class PagedCausalLM:
                 raise
         except BaseException:
             await pager.close()
+            if quantized is not None:
+                quantized.close()
             raise
+
+    @property
+    def dequant_buffer_bytes(self) -> int:
+        """For a GGUF: the bytes of the compute-dtype buffers its quantized weights are
+        dequantized into, taken off ``budget_bytes`` before the pager gets the rest
+        (the pager's budget counts the file's quantized bytes). 0 for a checkpoint."""
+        q = self._skeleton.quantized
+        return 0 if q is None else int(q.reserved_bytes)
 
     @property
     def closed(self) -> bool:
@@ -472,6 +499,8 @@ class PagedCausalLM:
         # modules must not keep the leased arrays alive past their release).
         _unbind_resident(self._skeleton, self._resident)
         self._resident.release()
+        if self._skeleton.quantized is not None:
+            self._skeleton.quantized.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -707,8 +736,14 @@ def _unbind_resident(skeleton: Skeleton, group: LeaseGroup) -> None:
             slot.table[slot.attr] = slot.placeholder
 
 
-def _bind_resident(skeleton: Skeleton, group: LeaseGroup) -> None:
+def _bind_resident(skeleton: Skeleton, group: LeaseGroup, served: Sequence[str] = ()) -> None:
+    quantized = skeleton.quantized
     for name, lease in group.items():
+        if quantized is not None:  # dequantized once; ends served by rows stay unbound
+            if name not in served:
+                for slot in skeleton.slots[name]:
+                    slot.table[slot.attr] = quantized.materialize(name, lease.array)
+            continue
         convert = skeleton.convert[name]
         t = weight_view(lease.array, convert)
         if convert is None:  # the pager's memory, bound for the LM's lifetime: guarded

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from time import perf_counter
 
 __all__ = ["main"]
@@ -40,13 +42,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     t0 = perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model, dtype=getattr(torch, args.dtype) if args.dtype else "auto"
-    )
-    try:
-        gen_config = GenerationConfig.from_pretrained(args.model)
-    except OSError:
-        gen_config = None
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    path = Path(args.model)
+    gen_config = None
+    if path.is_file():  # a GGUF: transformers dequantizes all of it
+        model = AutoModelForCausalLM.from_pretrained(
+            os.fspath(path.parent), gguf_file=path.name, dtype=dtype or torch.float32
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype or "auto")
+        try:
+            gen_config = GenerationConfig.from_pretrained(args.model)
+        except OSError:
+            gen_config = None
     load = perf_counter() - t0
     loop = DecodeLoop(
         model,

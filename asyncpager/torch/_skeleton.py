@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,9 @@ class Skeleton:
     resident_names: list[str] = field(default_factory=list)
     #: routed experts of a mixture-of-experts model (``_expert_map.py``), else None
     experts: ExpertLayout | None = None
+    #: a GGUF's dequantizer (``_gguf.QuantizedWeights``): every tensor is bound
+    #: through it; None for a checkpoint bound as stored
+    quantized: Any = None
 
 
 def load_config(path: Path) -> Any:
@@ -141,10 +144,18 @@ def _candidates(name: str, prefix: str) -> Iterable[str]:
 
 
 def build_skeleton(
-    path: Path, config: Any, index: ModelIndex, dtype: torch.dtype | None
+    path: Path,
+    config: Any,
+    index: ModelIndex,
+    dtype: torch.dtype | None,
+    names: Callable[[nn.Module], Mapping[str, str]] | None = None,
 ) -> Skeleton:
     """Build the model from ``config`` on the meta device and map ``index``'s tensors
     into it.
+
+    ``names`` (for a GGUF) gives, for the built model, its parameter names -> the
+    file's tensor names; shapes are then compared as logical shapes (a quantized
+    tensor's bytes have another) and nothing is converted on binding.
 
     Raises:
         CheckpointMismatch: a weight is missing from the checkpoint, or its shape
@@ -166,7 +177,7 @@ def build_skeleton(
     # transformers registers some rules under the model's class name (GPT-NeoX's
     # ``embed_out`` -> ``lm_head``), most under its ``model_type``
     renames = _renamers(getattr(config, "model_type", "")) + _renamers(type(model).__name__)
-    model_to_ckpt: dict[str, str] = {}
+    model_to_ckpt: dict[str, str] = dict(names(model)) if names is not None else {}
     for stored in index.tensors:
         model_to_ckpt.setdefault(stored, stored)
         renamed = stored
@@ -219,11 +230,11 @@ def build_skeleton(
             continue
         info = index.tensors[ck]
         shape = tuple(tensor.shape)
-        if info.logical_shape != shape or info.shape != shape:
+        if info.logical_shape != shape or (names is None and info.shape != shape):
             mismatched.append((entries[0][0], shape, tuple(info.logical_shape or ())))
             continue
         slots.setdefault(ck, []).extend(slot for _, slot in entries)
-        convert[ck] = _conversion(info.dtype, tensor.dtype)
+        convert[ck] = None if names is not None else _conversion(info.dtype, tensor.dtype)
         layer = layer_of(ck)
         if layer is not None:
             m = _LAYER_PREFIX.match(entries[0][0])

@@ -90,9 +90,11 @@ async def test_unknown_architecture(llama: Path, tmp_path: Path) -> None:
     assert "config.json" in str(err)
 
 
-async def test_gguf_is_not_a_checkpoint(tmp_path: Path) -> None:
+async def test_a_gguf_whose_tensors_do_not_fill_its_model_names_them(tmp_path: Path) -> None:
+    # a synthetic GGUF: llama metadata without sizes (transformers' defaults), tiny tensors
     gguf = ap.testing.write_synthetic_gguf(tmp_path / "m.gguf", n_layers=2, layer_bytes=4096)
-    await open_fails(gguf, ap.FormatError)
+    err = await open_fails(gguf, CheckpointMismatch)
+    assert "model.embed_tokens.weight (model (32000, 4096), checkpoint (1, 256))" in str(err)
 
 
 async def test_more_layers_than_the_weights_names_the_missing(llama: Path, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The decode benchmark (issue 4): layer-ahead prefetch and schedule-aware eviction
+"""The decode benchmark: layer-ahead prefetch and schedule-aware eviction
 on a synthetic GGUF model, page cache warm, all configurations in one run.
 
 For each configuration: tokens/s, bytes read per token (in layers), stall fraction
@@ -161,7 +161,7 @@ def main() -> None:
         f"\ntargets: prefetch within 1.10x of max(compute, I/O) and stall < 5% when compute >= "
         f"load time; schedule at 50% budget reads <= L - C + 1 + depth = {bound} layers/token "
         f"(depth 1), LRU reads all {args.layers}; prefetch depth = layers: the loop lag "
-        f"stays that of depth 1 (eviction planning O(evicted log n), issue 11)"
+        f"stays that of depth 1 (eviction planning O(evicted log n))"
     )
 
 

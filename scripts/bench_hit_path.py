@@ -2,7 +2,7 @@
 against an async_lru hit in the same process on the same names (10 names cycled
 for 10 tensors, 1,000 for 100,000 tensors), with
 tracing off and on, in both forms (``lease = await acquire(n); lease.release()`` and
-``async with acquire(n)``). Target (issue 11): <= 1.5x an async_lru hit.
+``async with acquire(n)``). Target: <= 1.5x an async_lru hit.
 
 The machine is shared: each figure is the best of ``--repeats`` rounds of ``--n``
 operations, timed in CPU time of this thread (``time.thread_time``, so time the
@@ -135,7 +135,7 @@ def main() -> None:
             rows,
         )
     )
-    print("\ntarget (issue 11): ratio <= 1.5 for both forms, on both loops")
+    print("\ntarget: ratio <= 1.5 for both forms, on both loops")
 
 
 if __name__ == "__main__":

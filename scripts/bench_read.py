@@ -1,4 +1,4 @@
-"""The read path against the machine's ceiling (issue 5).
+"""The read path against the machine's ceiling.
 
 On a generated 2 GiB file, warm and then cold (posix_fadvise(DONTNEED) before each
 cold pass), in one run:
@@ -13,7 +13,7 @@ cold pass), in one run:
   AiofilesSource, verify="crc32", and the Gemma 3 270M layer mix when available.
 Peak RSS of each pager run is measured (VmHWM after resetting it via clear_refs).
 
-Tensors larger than the budget (issue 13), on the Gemma 3 270M token embedding
+Tensors larger than the budget, on the Gemma 3 270M token embedding
 (262,144 Q8_0 rows of 680 bytes, 170 MiB) under a 64 MiB budget:
 - row gathers of 1, 16 and 256 random rows (``acquire_rows``): rows/s and bytes/s
   against the raw ``os.preadv`` of the same byte ranges (one call per row, one
@@ -308,7 +308,7 @@ def main() -> None:
         print_rows_section(gemma, ceiling, "raw preadv ceiling (above), 2 threads")
 
 
-# ---------------------------------------------------------------------- rows (issue 13)
+# ---------------------------------------------------------------------- rows
 
 EMBD = "token_embd.weight"
 

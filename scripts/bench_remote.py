@@ -1,4 +1,4 @@
-"""Weights from object storage (issue 15): asyncpager reading a model from a loopback
+"""Weights from object storage: asyncpager reading a model from a loopback
 HTTP server against the same server read other ways, in one run.
 
 The server is aiohttp's static files (sendfile, Range, ETag) in a process of its own;

@@ -1,4 +1,4 @@
-"""The real-model benchmark (issue 12): Gemma 3 270M greedy decoding under a memory cap
+"""The real-model benchmark: Gemma 3 270M greedy decoding under a memory cap
 at which about half of the decoder layers do not fit, every configuration in its own
 process, side by side in one run:
 
@@ -21,7 +21,7 @@ the offloaded layers it copies each token; cold: what the disk delivered, from
 2 ms), and whether the tokens equal the fully loaded run's. Ratios against accelerate
 and the fully loaded model are printed with the targets.
 
-With ``--below-embedding`` (issue 13) the cap is half of the token embedding (which
+With ``--below-embedding`` the cap is half of the token embedding (which
 is also Gemma's tied head): smaller than that one tensor, so asyncpager serves it by
 row gathers and row blocks, and accelerate must place it somewhere (the device map it
 chose is printed).

@@ -1,4 +1,4 @@
-"""Defect 5 (issue 11): a model file truncated while its header is being parsed gives
+"""A model file truncated while its header is being parsed gives
 FormatError naming the file and the offset, never a SIGBUS; and parsing reads the
 header only (about its size), through ordinary reads, never a memory map."""
 

@@ -6,7 +6,7 @@ after every operation. CI runs two configurations (``lru``; ``schedule`` with
 The operation mix: acquire, acquire_many, acquire_layer (which prefetches the next
 layer), release, cancel while queued for room, cancel while the load runs, pin,
 unpin, prefetch hints (names repeated on purpose), timeouts of 0 to 2 ms, pin/unpin
-right after queued waiters were cancelled or timed out (issue 11), releases from worker
+right after queued waiters were cancelled or timed out, releases from worker
 threads. Besides EIO and short reads, 1% of reads raise an unusual exception
 (``CancelledError``, a ``BaseException`` subclass, ``RuntimeError``, ``MemoryError``):
 each must reach its callers as ``SourceError``. A task only waits without a timeout
@@ -251,7 +251,7 @@ class ChaosRun:
 
     async def op_pin_after_cancel(self, rng: random.Random, held: list[Held]) -> None:
         """Queue waiters, cancel or time out some of them, and pin or unpin before
-        their cleanup runs (issue 11 defect 1: done futures in the queue)."""
+        their cleanup runs (done futures in the queue)."""
         tasks = [
             asyncio.create_task(
                 self.pager.acquire(rng.choice(self.names), timeout=rng.choice((0.0, None)))

@@ -1,4 +1,4 @@
-"""Issue 11 defect 10: debug mode catches arrays used after their lease's release
+"""Debug mode catches arrays used after their lease's release
 (on for the whole suite through conftest; ASYNCPAGER_DEBUG=1 for users)."""
 
 from __future__ import annotations

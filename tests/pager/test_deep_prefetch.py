@@ -1,4 +1,4 @@
-"""Issue 11 defect 12: eviction planning for a deep prefetch stays proportional to
+"""Eviction planning for a deep prefetch stays proportional to
 the work done (acquires and evictions), whatever the depth: no per-tensor rescans of
 every victim on the event loop."""
 

@@ -1,4 +1,4 @@
-"""The hit fast path (issue 11): ``acquire`` returns a lazy context that leases a
+"""The hit fast path: ``acquire`` returns a lazy context that leases a
 resident tensor synchronously when first driven, with no coroutine. It must keep
 every contract of the general path: counts and histograms, debug mode, pins,
 closed pagers, unknown names, single use, cancellation, layers and prefetch,

@@ -1,4 +1,4 @@
-"""Issue 11, pager core: one regression test per defect found by attacking the pager
+"""The pager core: one regression test per defect found by attacking the pager
 (numbers in the test names are the issue's defect numbers)."""
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ async def test_2_a_load_whose_commit_fails_fails_its_waiters_and_gives_room_back
     make_pager: PagerFactory,
 ) -> None:
     # Zero bytes, but a shape numpy cannot build: the reshape raises at commit.
-    # TensorInfo refuses such a shape itself (issue-11b), so corrupt one after the
+    # TensorInfo refuses such a shape itself, so corrupt one after the
     # fact: the pager must survive whatever an index lets through.
     bad = ap.TensorInfo("bad", 64, 0, "float32", shape=(0,))
     object.__setattr__(bad, "shape", (0, 2**62))

@@ -286,7 +286,8 @@ class PagerMachine(RuleBasedStateMachine):
     @rule(i=st.integers(0, 63), j=st.integers(0, 63), pin=st.booleans())
     def cancel_then_pin(self, i: int, j: int, pin: bool) -> None:
         """Cancel a queued acquire and, in the same loop step (its future is done,
-        its cleanup has not run), pin or unpin: the class of a future completed after its waiter left."""
+        its cleanup has not run), pin or unpin: a future must never be completed
+        after its waiter left."""
         task, _ = self.pending[i % len(self.pending)]
         self.cancelled.add(task)
         name = self.name(j)

@@ -744,12 +744,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _checkpoint_budget(args: argparse.Namespace) -> int:
-    """``--budget`` of ``generate``/``serve``: a size, or a share of the checkpoint's
-    bytes (``50%``). Reads the index first, so a missing or malformed checkpoint
-    fails here, before torch is imported."""
+def _checkpoint_budget(args: argparse.Namespace) -> int | str:
+    """``--budget`` of ``generate``/``serve``: a size, a share of the checkpoint's
+    bytes (``50%``), or ``auto`` (sized from the memory limit at open). Reads the
+    index first, so a missing or malformed checkpoint fails here, before torch is
+    imported."""
     index = _read_index(args)
-    budget = args.budget.strip()
+    budget: str = args.budget.strip()
+    if budget == "auto":
+        return budget
     try:
         return parse_budget(budget).resolve(index.nbytes)
     except ValueError as exc:
@@ -785,7 +788,7 @@ def _add_generate(sub: Any) -> None:
         help="a checkpoint directory (config.json + safetensors), or its URL in object "
         "storage (s3://, gs://, az://, https://)",
     )
-    _option(p, "--budget", str, "50%", "SIZE|N%", "RAM for weights, pinned ones included")
+    _option(p, "--budget", str, "50%", "SIZE|N%|auto", "RAM for weights, pinned ones included")
     _option(p, "--prompt", str, "The capital of France is", "TEXT", "the prompt")
     _option(p, "--max-new-tokens", _nonneg_int, 32, "N", "tokens to generate at most")
     _add_paging_options(p)

@@ -24,8 +24,6 @@ import asyncio
 import errno
 import os
 import random
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,6 +32,8 @@ from typing import Any, Literal, final
 from ._errors import SourceError
 from .sources._source import Source
 from .tools.synth import write_synthetic_gguf
+from .tools.synth_llama import *  # noqa: F403  (LlamaShape, synthetic_llama, ...)
+from .tools.synth_llama import build_once
 
 __all__ = [
     "Fault",
@@ -84,24 +84,7 @@ def gemma_checkpoint(dtype: str = "float32") -> Path:
     if dtype not in _GEMMA_DTYPES:
         raise ValueError(f"dtype must be one of {_GEMMA_DTYPES}, not {dtype!r}")
     target = cache_dir() / f"gemma-3-270m-{dtype}"
-    if (target / "config.json").is_file():
-        return target
-    gguf = gemma_gguf()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        _convert_gemma(gguf, tmp, dtype)
-        tmp.chmod(0o755)  # mkdtemp (and safetensors) make files private
-        for file in tmp.iterdir():
-            file.chmod(0o644)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first: keep its copy
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_once(target, lambda tmp: _convert_gemma(gemma_gguf(), tmp, dtype))
 
 
 def _convert_gemma(gguf: Path, out: Path, dtype: str) -> None:

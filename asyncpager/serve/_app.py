@@ -66,7 +66,7 @@ _ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 @dataclass(frozen=True, slots=True)
 class ServeConfig:
     model: Path
-    budget_bytes: int
+    budget_bytes: int | str
     host: str = "127.0.0.1"
     port: int = 8000
     prefetch_depth: int = 1

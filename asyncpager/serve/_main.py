@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser, size: Any, positive: Any, nonneg: 
     """The ``serve`` options (``size``/``positive``/``nonneg`` are the CLI's parsers)."""
     p.add_argument("model", type=Path, help="a Hugging Face checkpoint directory")
     p.add_argument("--budget", required=True,
-                   help="RAM for weights: 300MiB, or 50%% of the checkpoint")  # fmt: skip
+                   help="RAM for weights: 300MiB, 50%% of the checkpoint, or auto")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
     p.add_argument("--port", type=nonneg, default=8000, help="0 picks a free port")
     p.add_argument("--prefetch", type=nonneg, default=1, help="layers to prefetch ahead")

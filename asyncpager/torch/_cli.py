@@ -42,7 +42,7 @@ class GenerateReport:
 
 async def generate_streaming(args: argparse.Namespace, out: TextIO) -> GenerateReport:
     """Open the model, stream the text of ``args.prompt`` to ``out`` as it is made."""
-    budget: int = args.budget_bytes
+    budget: int | str = args.budget_bytes
     async with PagedCausalLM.open(
         args.model,
         budget_bytes=budget,
@@ -53,6 +53,8 @@ async def generate_streaming(args: argparse.Namespace, out: TextIO) -> GenerateR
         direct_io=args.direct_io,
         **getattr(args, "remote", {}),
     ) as lm:
+        if lm.budget_choice is not None:
+            print(lm.budget_choice.describe(), file=sys.stderr, flush=True)
         tok = lm.tokenizer
         if tok is None:
             raise CliModelError(f"{args.model}: no tokenizer files, so no --prompt text")
@@ -85,7 +87,7 @@ async def generate_streaming(args: argparse.Namespace, out: TextIO) -> GenerateR
             forward=lm.forward_stats(),
             bytes_read=stats.bytes_read,
             hit_rate=stats.hit_rate,
-            budget_bytes=budget,
+            budget_bytes=lm.pager.budget_bytes,
             pinned_bytes=pinned,
             torch_threads=lm.torch_threads,
             paged_ends=lm.paged_ends,

@@ -163,6 +163,10 @@ class Server:
             r.register(PagerCollector(pager))
         if hasattr(self.lm, "forward_stats"):
             r.register(_ForwardCollector(self.lm))
+        if hasattr(self.lm, "memory"):
+            from ._memory_metrics import MemoryCollector
+
+            r.register(MemoryCollector(self.lm))
         ns = "asyncpager_server"
         self.m_requests = Counter(
             f"{ns}_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"],

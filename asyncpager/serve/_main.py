@@ -78,6 +78,8 @@ async def serve(args: argparse.Namespace) -> int:
             prefetch_depth=config.prefetch_depth, policy=config.policy, dtype=config.dtype,
             torch_threads=config.torch_threads,
         ) as lm:  # fmt: skip
+            if getattr(lm, "budget_choice", None) is not None:
+                print(lm.budget_choice.describe(), flush=True)
             server = Server(lm, config)
             server.scheduler.start()
             runner = web.AppRunner(

@@ -50,7 +50,7 @@ async def generate_streaming(args: argparse.Namespace, out: TextIO) -> GenerateR
         policy=args.policy,
         dtype=args.dtype,
         torch_threads=args.torch_threads,
-        direct_io=args.direct_io,
+        direct_io=args.direct_io or None,  # not given: chosen at open (see open)
         **getattr(args, "remote", {}),
     ) as lm:
         if lm.budget_choice is not None:

@@ -292,7 +292,7 @@ class PagedCausalLM:
         dtype: str | torch.dtype | None = None,
         torch_threads: int | None = None,
         max_concurrent_forwards: int = 2,
-        direct_io: bool = False,
+        direct_io: bool | None = None,
         pin_embeddings: bool | None = None,
         tokenizer: bool = True,
         **pager_options: Any,
@@ -316,7 +316,10 @@ class PagedCausalLM:
         ``dtype`` is the model's compute dtype (default: the config's, else the
         checkpoint's); tensors stored in another floating dtype are converted (a copy)
         each time they are bound. ``tokenizer=False`` skips loading the tokenizer
-        (``lm.tokenizer`` is then None). ``direct_io`` and ``pager_options`` go to
+        (``lm.tokenizer`` is then None). ``direct_io`` (default: on when ``"auto"``
+        sized the budget under a cgroup limit for a local checkpoint larger than the
+        budget, where the page cache would only evict what the pager holds; else
+        off) and ``pager_options`` go to
         :func:`asyncpager.open`.
 
         Embedding and output-head matrices are pinned when they fit; those that do not
@@ -362,7 +365,7 @@ class PagedCausalLM:
         dtype: str | torch.dtype | None,
         torch_threads: int | None,
         max_concurrent_forwards: int,
-        direct_io: bool,
+        direct_io: bool | None,
         pin_embeddings: bool | None,
         tokenizer: bool,
         pager_options: dict[str, Any],
@@ -374,6 +377,8 @@ class PagedCausalLM:
         skeleton = prepared.skeleton
         memory = _measure_basis(prepared, budget_bytes, max_concurrent_forwards, pin_embeddings)
         budget_bytes = memory.budget_bytes
+        if direct_io is None:
+            direct_io = memory.prefers_direct_io(path, prepared.index.nbytes)
         paged = _ends_to_page(prepared.index, skeleton, budget_bytes, pin_embeddings)
         pager = open_pager(
             path,
@@ -640,6 +645,17 @@ class _MemoryBasis:
     kv_per_token: int
     auto: AutoBudget | None
     budget_bytes: int = 0
+
+    def prefers_direct_io(self, path: Path | str, model_bytes: int) -> bool:
+        """Under a cgroup limit ``auto`` filled, cached pages of a model larger than
+        the budget are charged to the same limit and only evict what the pager holds."""
+        auto = self.auto
+        return (
+            auto is not None
+            and auto.limit.kind != "meminfo"
+            and isinstance(path, Path)
+            and model_bytes > self.budget_bytes
+        )
 
 
 def _measure_basis(

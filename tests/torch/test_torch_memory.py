@@ -131,3 +131,23 @@ async def test_explicit_budget_over_the_limit_refused_at_open(
     )
     with pytest.raises(MemoryLimitExceeded, match="does not fit under the memory limit of 600 MiB"):
         await PagedCausalLM.open(tiny_llama, budget_bytes="400MiB")
+
+
+def test_direct_io_preferred_only_when_auto_filled_a_cgroup_limit() -> None:
+    from pathlib import Path as P
+
+    from asyncpager._memory import MemoryLimit, choose_budget
+    from asyncpager.torch._lm import _MemoryBasis
+
+    cgroup = choose_budget(MemoryLimit("cgroup1", 2 << 30, 1 << 30, "fake"), 100 * MiB)
+    machine = choose_budget(MemoryLimit("meminfo", 2 << 30, 1 << 30, "fake"), 100 * MiB)
+    budget = cgroup.budget_bytes
+
+    def basis(auto: object) -> _MemoryBasis:
+        return _MemoryBasis(0, 100 * MiB, 0, auto, budget)  # type: ignore[arg-type]
+
+    assert basis(cgroup).prefers_direct_io(P("/m"), budget + 1)
+    assert not basis(cgroup).prefers_direct_io(P("/m"), budget)  # the model fits
+    assert not basis(cgroup).prefers_direct_io("s3://b/m", budget + 1)  # remote
+    assert not basis(machine).prefers_direct_io(P("/m"), budget + 1)
+    assert not basis(None).prefers_direct_io(P("/m"), budget + 1)

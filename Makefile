@@ -45,6 +45,7 @@ bench: dev
 	$(BIN)/python scripts/bench_import.py
 	$(BIN)/python scripts/bench_torch.py
 	$(BIN)/python scripts/bench_remote.py
+	$(BIN)/python scripts/bench_capped.py
 
 # Long runs, not part of `make test`.
 soak: dev

@@ -674,7 +674,7 @@ def _measure_basis(
         max_concurrent_forwards=forwards,
         paged_ends=pin_embeddings is not True,
     )
-    chosen, auto = resolve_budget(budget, overhead)
+    chosen, auto = resolve_budget(budget, overhead, proc.file_bytes)
     return _MemoryBasis(
         proc.anon_bytes + proc.shmem_bytes,
         overhead,

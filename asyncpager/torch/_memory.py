@@ -116,17 +116,20 @@ def _stored_itemsize(index: Any, name: str) -> int:
 
 
 def resolve_budget(
-    budget: int | str, overhead: int, limit: MemoryLimit | None = None
+    budget: int | str, overhead: int, code_bytes: int = 0, limit: MemoryLimit | None = None
 ) -> tuple[int, AutoBudget | None]:
     """``budget`` in bytes: ``"auto"`` chosen under the limit that applies (read now
-    unless given), an explicit budget checked against a cgroup's limit.
+    unless given), an explicit budget checked against a cgroup's limit. ``auto`` also
+    keeps room for ``code_bytes``, the process's file-backed resident pages (torch's
+    libraries): the page cache they sit in counts against a cgroup's limit and, though
+    reclaimable, is read back at once when evicted.
 
     Raises:
         MemoryLimitExceeded: no budget fits, or the explicit one does not.
     """
     lim = read_limit(environ_root()) if limit is None else limit
     if budget == "auto":
-        choice = choose_budget(lim, overhead)
+        choice = choose_budget(lim, overhead + code_bytes)
         log.info("%s", choice.describe())
         return choice.budget_bytes, choice
     assert isinstance(budget, int)

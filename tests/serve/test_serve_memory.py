@@ -35,9 +35,11 @@ def test_auto_budget_and_memory_gauges(tmp_path: Path, monkeypatch: pytest.Monke
     }
     allowance = gauges["asyncpager_process_overhead_allowance_bytes"]
     assert gauges["asyncpager_process_limit_bytes"] == 900 * MiB
-    assert gauges["asyncpager_process_budget_bytes"] == (
-        900 * MiB - 301 * MiB - allowance - default_margin(900 * MiB)
-    )
+    budget = gauges["asyncpager_process_budget_bytes"]
+    # below the limit less what is charged, the overhead allowance and the margin by
+    # the server's code pages (file-backed, charged to the cgroup too)
+    room = 900 * MiB - 301 * MiB - allowance - default_margin(900 * MiB)
+    assert room - (1 << 30) < budget < room
     assert 0 < gauges["asyncpager_process_runtime_bytes"] <= gauges["asyncpager_process_anon_bytes"]
     assert gauges["asyncpager_process_pager_bytes"] >= gauges["asyncpager_process_resident_bytes"]
     assert "budget auto:" in server.stdout_text

@@ -23,11 +23,13 @@ from ._errors import BudgetExceeded
 
 __all__ = [
     "AutoBudget",
+    "LimitEvents",
     "MemoryLimit",
     "MemoryLimitExceeded",
     "ProcessMemory",
     "choose_budget",
     "read_limit",
+    "read_limit_events",
     "read_process_memory",
 ]
 
@@ -76,6 +78,31 @@ class ProcessMemory:
     file_bytes: int
     shmem_bytes: int
     peak_rss_bytes: int
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class LimitEvents:
+    """How often the cgroup has run into its limit since it was created: ``hits`` the
+    times usage reached it and the kernel had to reclaim (v2 ``memory.events`` ``max``,
+    v1 ``memory.failcnt``), ``oom_kills`` the processes its OOM killer ended."""
+
+    hits: int = 0
+    oom_kills: int = 0
+
+
+def read_limit_events(limit: MemoryLimit) -> LimitEvents:
+    """The pressure counters of the cgroup that sets ``limit`` (zeros for the machine's
+    memory or where the files are missing)."""
+    d = limit.directory
+    if d is None:
+        return LimitEvents()
+    if limit.kind == "cgroup2":
+        ev = _stat_fields(_read(d / "memory.events") or "")
+        return LimitEvents(ev.get("max", 0), ev.get("oom_kill", 0))
+    failcnt = (_read(d / "memory.failcnt") or "0").strip()
+    oom = _stat_fields(_read(d / "memory.oom_control") or "")
+    return LimitEvents(int(failcnt) if failcnt.isdigit() else 0, oom.get("oom_kill", 0))
 
 
 def _read(path: Path) -> str | None:

@@ -9,12 +9,14 @@ import pytest
 
 from asyncpager._errors import BudgetExceeded
 from asyncpager._memory import (
+    LimitEvents,
     MemoryLimit,
     MemoryLimitExceeded,
     check_budget_fits,
     choose_budget,
     default_margin,
     read_limit,
+    read_limit_events,
     read_process_memory,
 )
 
@@ -171,3 +173,16 @@ def test_explicit_budget_checked_against_a_cgroup_only() -> None:
         check_budget_fits(500 * MiB + 1, cg, 124 * MiB)
     machine = MemoryLimit("meminfo", 1 * GiB, 400 * MiB, "fake")
     check_budget_fits(10 * GiB, machine, 124 * MiB)
+
+
+def test_pressure_counters_v1_and_v2(tmp_path: Path) -> None:
+    root = v1_root(tmp_path, limit=900 * MiB, rss=300 * MiB)
+    cg = root / "sys/fs/cgroup/memory/jobs/job1"
+    (cg / "memory.failcnt").write_text("17\n")
+    (cg / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+    assert read_limit_events(read_limit(root)) == LimitEvents(17, 2)
+    v2 = tmp_path / "v2dir"
+    v2.mkdir()
+    (v2 / "memory.events").write_text("low 0\nhigh 3\nmax 9\noom 1\noom_kill 1\n")
+    assert read_limit_events(MemoryLimit("cgroup2", GiB, 0, "x", v2)) == LimitEvents(9, 1)
+    assert read_limit_events(MemoryLimit("meminfo", GiB, 0, "x")) == LimitEvents()

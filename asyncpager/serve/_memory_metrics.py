@@ -13,9 +13,10 @@ __all__ = ["MemoryCollector"]
 
 @final
 class MemoryCollector:
-    """``asyncpager_process_*_bytes`` gauges: resident set, its anonymous part, the
-    limit (absent without a cgroup limit), the budget, what the pager holds, the
-    runtime measured at open, the overhead beyond them and its allowance."""
+    """``asyncpager_process_*`` gauges: resident set, its anonymous part, the limit
+    (absent without a cgroup limit), the budget, what the pager holds, the runtime
+    measured at open, the overhead beyond them and its allowance, and the pressure on
+    the limit (hits, OOM kills)."""
 
     _FIELDS = (
         ("rss_bytes", "Process resident set."),
@@ -27,6 +28,8 @@ class MemoryCollector:
         ("runtime_bytes", "Anonymous memory at open, before any weight."),
         ("overhead_bytes", "Anonymous memory beyond the runtime and the pager's."),
         ("overhead_allowance_bytes", "The overhead the memory formula allows."),
+        ("limit_hits", "Times the cgroup's usage reached its limit (reclaim ran)."),
+        ("oom_kills", "Processes the cgroup's OOM killer ended."),
     )
 
     def __init__(self, lm: Any) -> None:

@@ -33,6 +33,7 @@ from .._memory import (
     choose_budget,
     environ_root,
     read_limit,
+    read_limit_events,
     read_process_memory,
 )
 
@@ -146,6 +147,9 @@ class MemoryRecord:
     ``overhead_bytes`` is what the process holds now beyond the runtime and the
     pager's memory (its working memory and KV caches); ``limit_bytes`` is None
     when no cgroup limit applies (then ``limit_source`` names the machine's memory).
+    ``limit_hits`` and ``oom_kills`` watch the pressure on that limit: hits rising
+    while the page cache is all that is reclaimed are harmless, with no page cache
+    left to reclaim they precede an OOM kill.
     """
 
     rss_bytes: int
@@ -161,6 +165,10 @@ class MemoryRecord:
     overhead_allowance_bytes: int
     kv_bytes_per_token: int
     auto: AutoBudget | None
+    #: times the cgroup's usage reached its limit (the kernel reclaimed page cache)
+    limit_hits: int = 0
+    #: processes the cgroup's OOM killer ended
+    oom_kills: int = 0
 
     def bound_bytes(self, kv_tokens: int = 0) -> int:
         """The formula's right-hand side with ``kv_tokens`` tokens in KV caches."""
@@ -186,6 +194,7 @@ def memory_record(
     lim = read_limit(environ_root()) if limit is None else limit
     held = pager.resident_bytes + pager.pool_idle_bytes + pager.inflight_bytes
     anon = proc.anon_bytes + proc.shmem_bytes
+    events = read_limit_events(lim)
     return MemoryRecord(
         rss_bytes=proc.rss_bytes,
         anon_bytes=anon,
@@ -200,4 +209,6 @@ def memory_record(
         overhead_allowance_bytes=allowance,
         kv_bytes_per_token=kv_per_token,
         auto=auto,
+        limit_hits=events.hits,
+        oom_kills=events.oom_kills,
     )

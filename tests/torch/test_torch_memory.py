@@ -112,6 +112,9 @@ async def test_auto_budget_from_a_cgroup_limit(
         assert choice.budget_bytes == lm.pager.budget_bytes == want
         assert choice.limit == read_limit(root)
         assert lm.memory().limit_bytes == 900 * MiB
+        assert lm.memory().limit_hits == 0
+        (root / "sys/fs/cgroup/memory/jobs/job1/memory.failcnt").write_text("17\n")
+        assert lm.memory().limit_hits == 17  # read at each call
         assert await lm.generate(lm.tokenizer(PROMPT).input_ids, 2, stop=())
 
 

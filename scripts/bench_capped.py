@@ -282,7 +282,10 @@ def belady_bytes_per_token(model: Path, budget: int, pinned: int, paged_ends: li
             if used + sizes[k] <= cap:
                 held.add(k)
                 used += sizes[k]
-    ends = sum(index.tensors[e].nbytes for e in paged_ends if ".embed" not in e)
+    # a paged head is read in full each token; a paged embedding only by rows, unless
+    # it is tied to the head (no separate head tensor)
+    untied = any(n.endswith("lm_head.weight") for n in index.tensors)
+    ends = sum(index.tensors[e].nbytes for e in paged_ends if not (untied and "embed" in e))
     return read / (cycles - cycles // 2) + ends
 
 

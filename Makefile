@@ -55,6 +55,7 @@ bench: dev node-deps
 	$(BIN)/python scripts/bench_gguf.py
 	$(BIN)/python scripts/bench_remote.py
 	$(BIN)/python scripts/bench_emulators.py
+	$(BIN)/python scripts/bench_capped.py
 
 # Long runs, not part of `make test`.
 soak: dev

@@ -773,18 +773,27 @@ def build_parser() -> argparse.ArgumentParser:
         "the budget, behind /v1/completions, /v1/chat/completions, /v1/models, "
         "/metrics and /healthz (needs the 'server' extra).",
     )
-    add_serve_arguments(p, _size_arg, _positive_int, _nonneg_int, budget=_budget_arg)
+    add_serve_arguments(p, _size_arg, _positive_int, _nonneg_int, budget=_budget_or_auto_arg)
     _add_remote_options(p, cache=True)
     p.set_defaults(func=cmd_serve)
     return parser
 
 
-def _checkpoint_budget(args: argparse.Namespace) -> int:
-    """``--budget`` of ``generate``/``serve``: a size, or a share of the checkpoint's
-    bytes (``50%``). Reads the index first, so a missing or malformed checkpoint
-    fails here, before torch is imported."""
-    budget: Budget = args.budget
-    return budget.resolve(_weight_bytes(_read_index(args)))
+def _checkpoint_budget(args: argparse.Namespace) -> int | str:
+    """``--budget`` of ``generate``/``serve``: a size, a share of the checkpoint's
+    bytes (``50%``), or ``auto`` (sized from the memory limit at open). Reads the
+    index first, so a missing or malformed checkpoint fails here, before torch is
+    imported."""
+    budget: Budget | str = args.budget
+    index = _read_index(args)
+    if isinstance(budget, str):
+        return budget
+    return budget.resolve(_weight_bytes(index))
+
+
+def _budget_or_auto_arg(text: str) -> Budget | str:
+    """``--budget`` of the commands that run a real model: also ``auto``."""
+    return "auto" if text.strip().lower() == "auto" else _budget_arg(text)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -821,7 +830,14 @@ def _add_generate(sub: Any) -> None:
         help="a checkpoint directory (config.json + safetensors), or its URL in object "
         "storage (s3://, gs://, az://, https://)",
     )
-    _option(p, "--budget", _budget_arg, "50%", "SIZE|N%", _BUDGET_HELP + ", pinned ones included")
+    _option(
+        p,
+        "--budget",
+        _budget_or_auto_arg,
+        "50%",
+        "SIZE|N%|auto",
+        _BUDGET_HELP + ", pinned ones included; auto: sized from the memory limit",
+    )
     _option(p, "--prompt", str, "The capital of France is", "TEXT", "the prompt")
     _option(p, "--max-new-tokens", _nonneg_int, 32, "N", "tokens to generate at most")
     _add_paging_options(p)

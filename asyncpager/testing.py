@@ -24,7 +24,6 @@ import asyncio
 import errno
 import os
 import random
-import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -34,6 +33,8 @@ from typing import Any, Literal, final
 from ._errors import SourceError
 from .sources._source import Source
 from .tools.synth import write_synthetic_gguf
+from .tools.synth_llama import *  # noqa: F403  (LlamaShape, synthetic_llama, ...)
+from .tools.synth_llama import build_once
 from .tools.synth_moe import synthetic_moe as synthetic_moe
 
 __all__ = [
@@ -133,25 +134,9 @@ def gemma_checkpoint(dtype: str = "float32") -> Path:
     if dtype not in _GEMMA_DTYPES:
         raise ValueError(f"dtype must be one of {_GEMMA_DTYPES}, not {dtype!r}")
     target = cache_dir() / f"gemma-3-270m-{dtype}"
-    if (target / "config.json").is_file():
-        _add_chat_template(target)  # a checkpoint built before the template was added
-        return target
-    gguf = gemma_gguf()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        _convert_gemma(gguf, tmp, dtype)
-        tmp.chmod(0o755)  # mkdtemp (and safetensors) make files private
-        for file in tmp.iterdir():
-            file.chmod(0o644)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first: keep its copy
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    built = build_once(target, lambda tmp: _convert_gemma(gemma_gguf(), tmp, dtype))
+    _add_chat_template(built)  # also for a checkpoint built before the template was added
+    return built
 
 
 def _add_chat_template(checkpoint: Path) -> None:

@@ -82,7 +82,7 @@ class ServeConfig:
     """``model`` is a checkpoint directory or the URL of one in object storage."""
 
     model: Path | str
-    budget_bytes: int
+    budget_bytes: int | str
     host: str = "127.0.0.1"
     port: int = 8000
     prefetch_depth: int = 1
@@ -248,6 +248,10 @@ class Server:
             r.register(PagerCollector(pager))
         if hasattr(self.lm, "forward_stats"):
             r.register(_ForwardCollector(self.lm))
+        if hasattr(self.lm, "memory"):
+            from ._memory_metrics import MemoryCollector
+
+            r.register(MemoryCollector(self.lm))
         ns = "asyncpager_server"
         self.m_requests = Counter(
             f"{ns}_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"],

@@ -16,7 +16,7 @@ __all__ = ["open_lm"]
 async def open_lm(
     path: Path | str,
     *,
-    budget_bytes: int,
+    budget_bytes: int | str,
     prefetch_depth: int,
     policy: Literal["lru", "schedule"],
     dtype: str | None = None,

@@ -187,6 +187,8 @@ async def serve(args: argparse.Namespace) -> int:
                     prefetch_depth=config.prefetch_depth, policy=config.policy,
                     dtype=config.dtype, torch_threads=config.torch_threads, **remote,
                 ))  # fmt: skip
+            if getattr(lm, "budget_choice", None) is not None:
+                print(lm.budget_choice.describe(), flush=True)
             server = Server(lm, config)
             if not args.quiet:
                 pinned = lm.pager.resident_bytes

@@ -52,7 +52,7 @@ class GenerateReport:
 
 async def generate_streaming(args: argparse.Namespace, out: TextIO) -> GenerateReport:
     """Open the model, stream the text of ``args.prompt`` to ``out`` as it is made."""
-    budget: int = args.budget_bytes
+    budget: int | str = args.budget_bytes
     remote: dict[str, Any] = getattr(args, "remote", {})
     quiet = bool(getattr(args, "quiet", False))
     async with contextlib.AsyncExitStack() as stack:
@@ -65,10 +65,12 @@ async def generate_streaming(args: argparse.Namespace, out: TextIO) -> GenerateR
                     policy=args.policy,
                     dtype=args.dtype,
                     torch_threads=args.torch_threads,
-                    direct_io=args.direct_io,
+                    direct_io=args.direct_io or None,  # not given: chosen at open
                     **remote,
                 )
             )
+        if lm.budget_choice is not None and not quiet:
+            print(lm.budget_choice.describe(), file=sys.stderr, flush=True)
         tok = lm.tokenizer
         if tok is None:
             raise CliModelError(f"{args.model}: no tokenizer files, so no --prompt text")
@@ -106,7 +108,7 @@ async def generate_streaming(args: argparse.Namespace, out: TextIO) -> GenerateR
             forward=lm.forward_stats(),
             bytes_read=stats.bytes_read,
             hit_rate=stats.hit_rate,
-            budget_bytes=budget,
+            budget_bytes=lm.pager.budget_bytes,
             pinned_bytes=pinned,
             torch_threads=lm.torch_threads,
             paged_ends=lm.paged_ends,

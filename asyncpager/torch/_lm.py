@@ -32,6 +32,7 @@ from typing import Any, Literal, Self, final
 import torch
 
 from .._errors import PagerClosed
+from .._memory import AutoBudget, malloc_trim, read_process_memory
 from .._open import open as open_pager
 from .._sizes import parse_size
 from ..formats import read_index
@@ -44,6 +45,7 @@ from ._ends import PagedEnds, pageable_ends
 from ._expert_cache import CachePolicyName, ExpertBudget
 from ._experts import ExpertPager, ExpertStats, plan_experts
 from ._layers import ForwardCancelled, ForwardRun, LayerHooks
+from ._memory import MemoryRecord, kv_bytes_per_token, memory_record, overhead_bytes, resolve_budget
 from ._skeleton import Skeleton, build_skeleton, load_config
 from ._tensors import ReadOnlyTensor, torch_dtype, weight_view
 
@@ -182,10 +184,16 @@ def _local_files(url: str, remote: dict[str, Any]) -> Iterator[Path]:
 
 
 def _load_tokenizer(path: Path) -> Any:
+    """The checkpoint's tokenizer. With a ``tokenizer.json`` it is loaded as the
+    generic fast tokenizer that file fully defines (the same ids as the model's own
+    class, which rebuilds its vocabulary in Python: 390 against 150 MiB for Gemma 3's
+    262k-token vocabulary), else through ``AutoTokenizer``."""
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    if (path / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(os.fspath(path), local_files_only=True)
     return AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
 
 
@@ -251,6 +259,7 @@ class PagedCausalLM:
         path: Path | str,
         paged: Sequence[str] = (),
         experts: tuple[ExpertBudget, CachePolicyName, bool] | None = None,
+        memory: _MemoryBasis | None = None,
     ) -> None:
         self.path = path
         self.config = prepared.config
@@ -299,6 +308,9 @@ class PagedCausalLM:
         self._closed = False
         self._runs: set[ForwardRun] = set()
         self._reset_stats()
+        self._memory = memory or _MemoryBasis(0, 0, 0, None)
+        #: what ``budget_bytes="auto"`` chose and from what (None for a given budget)
+        self.budget_choice: AutoBudget | None = self._memory.auto
 
     # ------------------------------------------------------------------ open / close
 
@@ -313,7 +325,7 @@ class PagedCausalLM:
         dtype: str | torch.dtype | None = None,
         torch_threads: int | None = None,
         max_concurrent_forwards: int = 2,
-        direct_io: bool = False,
+        direct_io: bool | None = None,
         pin_embeddings: bool | None = None,
         tokenizer: bool = True,
         expert_cache: float = 0.5,
@@ -332,10 +344,20 @@ class PagedCausalLM:
         ``storage_options``, ``cache_dir``, ``cache_bytes``, ``remote_options`` (in
         ``pager_options``) work as for :func:`asyncpager.open`.
 
+        ``budget_bytes="auto"`` sizes the budget from the memory limit that applies to
+        the process (its cgroup's, else the machine's available memory) once the
+        runtime and tokenizer are loaded: what is left under the limit, less the
+        forward's overhead and a margin (``lm.budget_choice`` says what it chose; see
+        ``docs/memory.md``). An explicit budget that cannot fit under a cgroup's
+        limit is refused the same way.
+
         ``dtype`` is the model's compute dtype (default: the config's, else the
         checkpoint's); tensors stored in another floating dtype are converted (a copy)
         each time they are bound. ``tokenizer=False`` skips loading the tokenizer
-        (``lm.tokenizer`` is then None). ``direct_io`` and ``pager_options`` go to
+        (``lm.tokenizer`` is then None). ``direct_io`` (default: on when ``"auto"``
+        sized the budget under a cgroup limit for a local checkpoint larger than the
+        budget, where the page cache would only evict what the pager holds; else
+        off) and ``pager_options`` go to
         :func:`asyncpager.open`.
 
         Embedding and output-head matrices are pinned when they fit; those that do not
@@ -361,14 +383,14 @@ class PagedCausalLM:
             CheckpointMismatch: the config's model does not match the weights (names
                 the missing tensors and mismatched shapes).
             BudgetExceeded: the non-layer tensors plus one decoder layer do not fit.
+            MemoryLimitExceeded: (a BudgetExceeded) the budget plus the process's
+                runtime and overhead do not fit under its memory limit.
             OSError: the directory or a file cannot be read.
         """
         return _OpenContext(
             cls._open(
                 str(path) if is_url(path) else Path(path),
-                budget_bytes=parse_size(budget_bytes)
-                if isinstance(budget_bytes, str)
-                else budget_bytes,
+                budget_bytes=_budget_arg(budget_bytes),
                 prefetch_depth=prefetch_depth,
                 policy=policy,
                 dtype=dtype,
@@ -387,13 +409,13 @@ class PagedCausalLM:
         cls,
         path: Path | str,
         *,
-        budget_bytes: int,
+        budget_bytes: int | str,
         prefetch_depth: int,
         policy: str,
         dtype: str | torch.dtype | None,
         torch_threads: int | None,
         max_concurrent_forwards: int,
-        direct_io: bool,
+        direct_io: bool | None,
         pin_embeddings: bool | None,
         tokenizer: bool,
         experts: tuple[float, CachePolicyName, bool],
@@ -404,15 +426,19 @@ class PagedCausalLM:
         remote = {k: pager_options.pop(k) for k in _REMOTE_OPTIONS if k in pager_options}
         prepared = await asyncio.to_thread(_Prepared, path, dtype, tokenizer, remote)
         skeleton = prepared.skeleton
+        memory = _measure_basis(prepared, budget_bytes, max_concurrent_forwards, pin_embeddings)
+        budget: int = memory.budget_bytes
+        if direct_io is None:
+            direct_io = memory.prefers_direct_io(path, prepared.index.nbytes)
         quantized = skeleton.quantized
         if quantized is not None:  # its dequantization buffers come off the budget
-            budget_bytes = quantized.pager_budget(budget_bytes)
-        paged = _ends_to_page(prepared.index, skeleton, budget_bytes, pin_embeddings)
+            budget = quantized.pager_budget(budget)
+        paged = _ends_to_page(prepared.index, skeleton, budget, pin_embeddings)
         served = pageable_ends(skeleton) if quantized is not None else paged
         pager = open_pager(
             path,
             index=prepared.index,
-            budget_bytes=budget_bytes,
+            budget_bytes=budget,
             pinned=[n for n in skeleton.resident_names if n not in paged],
             # the hooks request the next layer themselves (see _layers.py): the pager
             # prefetches the layers beyond it (not a MoE's: whole layers hold every expert)
@@ -456,6 +482,7 @@ class PagedCausalLM:
                     path=path,
                     paged=served,
                     experts=moe,
+                    memory=memory,
                 )
             except BaseException:
                 resident.release()
@@ -477,6 +504,19 @@ class PagedCausalLM:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def memory(self) -> MemoryRecord:
+        """The process's memory now against the formula of ``docs/memory.md``:
+        resident set, the limit, budget, what the pager holds, the runtime measured
+        at open, the overhead beyond them and its allowance, KV bytes per token."""
+        m = self._memory
+        return memory_record(
+            self.pager,
+            runtime_bytes=m.runtime_bytes,
+            allowance=m.overhead_bytes,
+            kv_per_token=m.kv_per_token,
+            auto=m.auto,
+        )
 
     async def close(self) -> None:
         """Stop: running forwards fail with PagerClosed at their next layer, the
@@ -647,9 +687,13 @@ class PagedCausalLM:
             seed=seed,
             stops=self._stop_ids(stop),
         )
-        for kwargs in loop:
-            out = await self.forward(**kwargs)
-            yield loop.feed(out.logits)
+        try:
+            for kwargs in loop:
+                out = await self.forward(**kwargs)
+                yield loop.feed(out.logits)
+        finally:
+            del loop  # the KV cache, then hand the freed heap back to the system
+            malloc_trim()
 
     async def generate(
         self,
@@ -674,6 +718,62 @@ class PagedCausalLM:
                 stop=stop,
             )
         ]
+
+
+def _budget_arg(budget: int | str) -> int | str:
+    """Bytes, or ``"auto"`` (resolved at open, once the runtime is loaded)."""
+    if isinstance(budget, str):
+        return "auto" if budget.strip() == "auto" else parse_size(budget)
+    return budget
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class _MemoryBasis:
+    """What opening measured for :meth:`PagedCausalLM.memory`."""
+
+    runtime_bytes: int
+    overhead_bytes: int
+    kv_per_token: int
+    auto: AutoBudget | None
+    budget_bytes: int = 0
+
+    def prefers_direct_io(self, path: Path | str, model_bytes: int) -> bool:
+        """Under a cgroup limit ``auto`` filled, cached pages of a model larger than
+        the budget are charged to the same limit and only evict what the pager holds."""
+        auto = self.auto
+        return (
+            auto is not None
+            and auto.limit.kind != "meminfo"
+            and isinstance(path, Path)
+            and model_bytes > self.budget_bytes
+        )
+
+
+def _measure_basis(
+    prepared: _Prepared, budget: int | str, forwards: int, pin_embeddings: bool | None
+) -> _MemoryBasis:
+    """Trim the heap loading left, measure the runtime, resolve the budget."""
+    malloc_trim()
+    proc = read_process_memory()
+    index, skeleton = prepared.index, prepared.skeleton
+    # the ends are paged when the budget cannot pin them: count their terms unless pinned
+    overhead = overhead_bytes(
+        prepared.config,
+        index,
+        skeleton,
+        prepared.dtype,
+        max_concurrent_forwards=forwards,
+        paged_ends=pin_embeddings is not True,
+    )
+    chosen, auto = resolve_budget(budget, overhead, proc.file_bytes)
+    return _MemoryBasis(
+        proc.anon_bytes + proc.shmem_bytes,
+        overhead,
+        kv_bytes_per_token(prepared.config, prepared.dtype),
+        auto,
+        chosen,
+    )
 
 
 def _ends_to_page(

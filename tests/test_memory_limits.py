@@ -19,43 +19,7 @@ from asyncpager._memory import (
     read_limit_events,
     read_process_memory,
 )
-
-MiB = 1 << 20
-GiB = 1 << 30
-
-
-def _write(root: Path, rel: str, text: str) -> None:
-    path = root / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
-def _meminfo(root: Path, total_kib: int, available_kib: int) -> None:
-    _write(
-        root,
-        "proc/meminfo",
-        f"MemTotal:       {total_kib} kB\nMemFree:        1000 kB\n"
-        f"MemAvailable:   {available_kib} kB\n",
-    )
-
-
-def v1_root(tmp_path: Path, limit: int, rss: int, *, parent_limit: int | None = None) -> Path:
-    root = tmp_path / "v1"
-    _write(root, "proc/self/cgroup", "5:cpu,cpuacct:/\n4:memory:/jobs/job1\n0::/\n")
-    _meminfo(root, 24 * GiB // 1024, 20 * GiB // 1024)
-    cg = "sys/fs/cgroup/memory"
-    _write(root, f"{cg}/memory.limit_in_bytes", "9223372036854771712\n")
-    _write(root, f"{cg}/jobs/memory.limit_in_bytes", f"{parent_limit or 9223372036854771712}\n")
-    _write(root, f"{cg}/jobs/memory.stat", f"cache 1\nrss {rss}\ntotal_rss {rss}\n")
-    _write(root, f"{cg}/jobs/job1/memory.limit_in_bytes", f"{limit}\n")
-    # page cache (total_cache) does not count: the kernel reclaims it first
-    _write(
-        root,
-        f"{cg}/jobs/job1/memory.stat",
-        f"cache 500000000\nrss {rss}\nshmem {MiB}\ntotal_cache 500000000\n"
-        f"total_rss {rss}\ntotal_shmem {MiB}\n",
-    )
-    return root
+from tests.support.cgroups import GiB, MiB, meminfo, v1_root, write_file
 
 
 def test_cgroup_v1_limit_counts_anonymous_memory_not_page_cache(tmp_path: Path) -> None:
@@ -79,13 +43,13 @@ def test_cgroup_v1_tightest_ancestor_wins(tmp_path: Path) -> None:
 
 def test_cgroup_v2_memory_max(tmp_path: Path) -> None:
     root = tmp_path / "v2"
-    _write(root, "proc/self/cgroup", "0::/user.slice/app.scope\n")
-    _meminfo(root, 24 * GiB // 1024, 20 * GiB // 1024)
+    write_file(root, "proc/self/cgroup", "0::/user.slice/app.scope\n")
+    meminfo(root, 24 * GiB // 1024, 20 * GiB // 1024)
     cg = "sys/fs/cgroup"
-    _write(root, f"{cg}/memory.max", "max\n")  # the root: unlimited
-    _write(root, f"{cg}/user.slice/memory.max", "max\n")
-    _write(root, f"{cg}/user.slice/app.scope/memory.max", f"{1536 * MiB}\n")
-    _write(
+    write_file(root, f"{cg}/memory.max", "max\n")  # the root: unlimited
+    write_file(root, f"{cg}/user.slice/memory.max", "max\n")
+    write_file(root, f"{cg}/user.slice/app.scope/memory.max", f"{1536 * MiB}\n")
+    write_file(
         root,
         f"{cg}/user.slice/app.scope/memory.stat",
         f"anon {400 * MiB}\nfile {900 * MiB}\nshmem {2 * MiB}\n",
@@ -99,19 +63,19 @@ def test_container_with_its_own_cgroup_root(tmp_path: Path) -> None:
     """/proc/self/cgroup names a host path the container cannot see: its mount's
     root is its cgroup."""
     root = tmp_path / "ct"
-    _write(root, "proc/self/cgroup", "0::/kubepods/pod1/ctr\n")
-    _meminfo(root, 24 * GiB // 1024, 20 * GiB // 1024)
-    _write(root, "sys/fs/cgroup/memory.max", f"{2 * GiB}\n")
-    _write(root, "sys/fs/cgroup/memory.current", f"{700 * MiB}\n")
+    write_file(root, "proc/self/cgroup", "0::/kubepods/pod1/ctr\n")
+    meminfo(root, 24 * GiB // 1024, 20 * GiB // 1024)
+    write_file(root, "sys/fs/cgroup/memory.max", f"{2 * GiB}\n")
+    write_file(root, "sys/fs/cgroup/memory.current", f"{700 * MiB}\n")
     lim = read_limit(root)
     assert (lim.limit_bytes, lim.charged_bytes) == (2 * GiB, 700 * MiB)
 
 
 def test_no_cgroup_limit_falls_back_to_available_memory(tmp_path: Path) -> None:
     root = tmp_path / "none"
-    _write(root, "proc/self/cgroup", "4:memory:/\n0::/\n")
-    _write(root, "sys/fs/cgroup/memory/memory.limit_in_bytes", "9223372036854771712\n")
-    _meminfo(root, 8 * GiB // 1024, 5 * GiB // 1024)
+    write_file(root, "proc/self/cgroup", "4:memory:/\n0::/\n")
+    write_file(root, "sys/fs/cgroup/memory/memory.limit_in_bytes", "9223372036854771712\n")
+    meminfo(root, 8 * GiB // 1024, 5 * GiB // 1024)
     lim = read_limit(root)
     assert lim.kind == "meminfo"
     assert (lim.limit_bytes, lim.headroom_bytes) == (8 * GiB, 5 * GiB)
@@ -125,7 +89,7 @@ def test_machine_memory_tighter_than_a_loose_cgroup(tmp_path: Path) -> None:
 
 
 def test_process_memory_from_status(tmp_path: Path) -> None:
-    _write(
+    write_file(
         tmp_path,
         "proc/self/status",
         "Name:\tpython\nVmHWM:\t  900 kB\nVmRSS:\t  800 kB\nRssAnon:\t  500 kB\n"

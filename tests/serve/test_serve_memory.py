@@ -12,8 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from asyncpager._memory import default_margin
 from asyncpager.testing import LLAMA_TINY, synthetic_llama
+from tests.support.cgroups import v1_root
 from tests.support.serveproc import Served
-from tests.test_memory_limits import v1_root
 
 MiB = 1 << 20
 

@@ -32,6 +32,7 @@ from typing import Any, Literal, final
 
 from ._errors import SourceError
 from .sources._source import Source
+from .tools.cache import cache_dir as cache_dir
 from .tools.synth import write_synthetic_gguf
 from .tools.synth_llama import *  # noqa: F403  (LlamaShape, synthetic_llama, ...)
 from .tools.synth_llama import build_once
@@ -46,13 +47,6 @@ __all__ = [
     "gemma_gguf",
     "write_synthetic_gguf",
 ]
-
-
-def cache_dir() -> Path:
-    """Where converted test models are cached: ``$ASYNCPAGER_CACHE_DIR``, default
-    ``~/.cache/asyncpager`` (outside any repository)."""
-    default = Path.home() / ".cache" / "asyncpager"
-    return Path(os.environ.get("ASYNCPAGER_CACHE_DIR", default))
 
 
 def gemma_gguf() -> Path:

@@ -13,16 +13,26 @@ import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import TYPE_CHECKING, Any, final
+from typing import Any, Protocol, final
 
 from ._protocol import APIError, ChatRequest, CompletionRequest
 from ._scheduler import Finished, SamplingError, SequenceState
 from ._text import TextStream
 
-if TYPE_CHECKING:
-    from ._api import Server
+__all__ = ["Reply", "ReplyServer", "sse"]
 
-__all__ = ["Reply", "sse"]
+
+class ReplyServer(Protocol):
+    """What a reply needs of the server that made it (``_api.Server``)."""
+
+    tokenizer: Any
+    name: str
+    draining: bool
+
+    @property
+    def scheduler(self) -> Any: ...
+
+    def observe_token(self, last: float, first: bool, t0: float) -> float: ...
 
 
 def sse(payload: dict[str, Any] | str) -> bytes:
@@ -36,7 +46,11 @@ class Reply:
     """Turns one sequence's tokens into the OpenAI response shapes."""
 
     def __init__(
-        self, server: Server, parsed: CompletionRequest | ChatRequest, prompt_len: int, chat: bool
+        self,
+        server: ReplyServer,
+        parsed: CompletionRequest | ChatRequest,
+        prompt_len: int,
+        chat: bool,
     ) -> None:
         self.server = server
         self.params = parsed.params

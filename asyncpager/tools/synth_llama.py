@@ -315,7 +315,7 @@ def synthetic_llama(
     """The checkpoint of ``shape`` and ``seed``, written once into ``cache`` (default
     :func:`asyncpager.testing.cache_dir`, ``~/.cache/asyncpager``) and reused."""
     if cache is None:
-        from ..testing import cache_dir
+        from .cache import cache_dir
 
         cache = cache_dir()
     target = Path(cache) / f"{shape.label()}-seed{seed}"

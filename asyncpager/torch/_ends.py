@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from ..pager._row_blocks import RowBlocks
     from ._skeleton import Skeleton
 
+#: Elements of the quantized head dequantized at a time (a GGUF head is bound in chunks).
+HEAD_CHUNK_ELEMENTS = 1 << 20
+
 __all__ = ["PagedEnds", "pageable_ends"]
 
 _T = TypeVar("_T")
@@ -178,8 +181,6 @@ class PagedEnds:
 
         def quantized_block_logits(lease: Lease, x: torch.Tensor, row: int) -> torch.Tensor:
             # A block of quantized rows, dequantized a bounded chunk of rows at a time.
-            from ._gguf import HEAD_CHUNK_ELEMENTS
-
             q = self._quantized
             array = lease.array
             width = x.shape[-1]

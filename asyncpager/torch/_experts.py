@@ -485,3 +485,9 @@ def plan_experts(
             f"{pager.budget_bytes} left after the resident tensors ({pinned} bytes)"
         )
     return plan
+
+
+def route_experts(model: Any) -> None:
+    """Make ``model``'s experts run through the paged backend (registered once)."""
+    register_backend()
+    model.set_experts_implementation(BACKEND)

@@ -36,7 +36,10 @@ import numpy as np
 import torch
 
 from .._errors import FormatError
+from ._arena import Arena, Prepared
 from ._dequant import SUPPORTED_TYPES, dequantize
+from ._ends import HEAD_CHUNK_ELEMENTS, pageable_ends
+from ._skeleton import build_skeleton, resolve_dtype
 
 if TYPE_CHECKING:
     from ..formats import ModelIndex
@@ -45,10 +48,8 @@ if TYPE_CHECKING:
 
 __all__ = ["QuantizedWeights", "load_gguf", "local_gguf_header"]
 
+
 #: elements of the compute-dtype scratch one row-served head forward dequantizes into
-HEAD_CHUNK_ELEMENTS = 1 << 20
-
-
 @dataclass(frozen=True, slots=True)
 class GGUFLoaded:
     """What transformers reads from a GGUF's metadata, and how to process its tensors."""
@@ -175,13 +176,10 @@ def open_gguf(
             block type is unsupported or does not match its data.
         CheckpointMismatch: the tensors do not fill the model the metadata describes.
     """
-    from ._ends import pageable_ends
-    from ._lm import _resolve_dtype
-    from ._skeleton import build_skeleton
 
     check_block_types(index)
     loaded = load_gguf(local, index, tokenizer)
-    resolved = _resolve_dtype(dtype, None, torch.float32)
+    resolved = resolve_dtype(dtype, None, torch.float32)
     skeleton = build_skeleton(
         local,
         loaded.config,
@@ -189,6 +187,10 @@ def open_gguf(
         resolved,
         names=lambda model: gguf_names(model, loaded.processor, index),
     )
+    if skeleton.experts is not None:  # experts run through the paged backend
+        from ._experts import route_experts
+
+        route_experts(skeleton.model)
     quantized = QuantizedWeights(
         index, loaded.processor, resolved, skeleton.layer_names, arenas=arenas
     )
@@ -201,24 +203,6 @@ def open_gguf(
 
 
 # ---------------------------------------------------------------------- runtime
-
-
-class _Arena:
-    __slots__ = ("flat",)
-
-    def __init__(self, elements: int, dtype: torch.dtype) -> None:
-        self.flat = torch.empty(elements, dtype=dtype)
-
-
-class Prepared:
-    """A layer's tensors dequantized into an arena (or the error doing so)."""
-
-    __slots__ = ("arena", "future", "tensors")
-
-    def __init__(self) -> None:
-        self.arena: _Arena | None = None
-        self.tensors: dict[str, torch.Tensor] = {}
-        self.future: Future[None] = Future()
 
 
 class QuantizedWeights:
@@ -240,7 +224,7 @@ class QuantizedWeights:
         self.layer_elements = max(
             (sum(self.elements(n) for n in names) for names in layer_names.values()), default=0
         )
-        self._arenas = [_Arena(self.layer_elements, dtype) for _ in range(arenas)]
+        self._arenas = [Arena(self.layer_elements, dtype) for _ in range(arenas)]
         self._free = list(self._arenas)
         self._cond = threading.Condition()
         self._executor = ThreadPoolExecutor(

@@ -42,12 +42,12 @@ from torch import nn
 
 from .._errors import PagerClosed
 from ..pager._lease import LeaseGroup
+from ._arena import Prepared
 from ._skeleton import Skeleton, Slot
 from ._tensors import weight_view
 
 if TYPE_CHECKING:
     from ..pager._pager import Pager
-    from ._gguf import Prepared
 
 __all__ = ["ForwardCancelled", "ForwardRun", "LayerHooks"]
 

@@ -43,10 +43,10 @@ from ..pager._pool import block_capacity
 from ._decode import DecodeLoop, as_ids, eos_ids
 from ._ends import PagedEnds, pageable_ends
 from ._expert_cache import CachePolicyName, ExpertBudget
-from ._experts import ExpertPager, ExpertStats, plan_experts
+from ._experts import ExpertPager, ExpertStats, plan_experts, route_experts
 from ._layers import ForwardCancelled, ForwardRun, LayerHooks
 from ._memory import MemoryRecord, kv_bytes_per_token, memory_record, overhead_bytes, resolve_budget
-from ._skeleton import Skeleton, build_skeleton, load_config
+from ._skeleton import Skeleton, build_skeleton, load_config, resolve_dtype
 from ._tensors import ReadOnlyTensor, torch_dtype, weight_view
 
 __all__ = ["ForwardStats", "PagedCausalLM"]
@@ -70,22 +70,6 @@ class ForwardStats:
     @property
     def compute_seconds(self) -> float:
         return max(0.0, self.forward_seconds - self.wait_seconds - self.bind_seconds)
-
-
-def _resolve_dtype(dtype: str | torch.dtype | None, config: Any, skeleton_hint: Any) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and dtype != "auto":
-        got = getattr(torch, dtype, None)
-        if not isinstance(got, torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}")
-        return got
-    conf = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(conf, torch.dtype):
-        return conf
-    if isinstance(conf, str) and isinstance(getattr(torch, conf, None), torch.dtype):
-        return getattr(torch, conf)  # type: ignore[no-any-return]
-    return skeleton_hint  # type: ignore[no-any-return]
 
 
 def _stored_float_dtype(index: Any) -> torch.dtype:
@@ -145,8 +129,10 @@ class _Prepared:
             self.generation_config = gguf[4]
             return
         self.config = load_config(path)
-        self.dtype = _resolve_dtype(dtype, self.config, _stored_float_dtype(self.index))
+        self.dtype = resolve_dtype(dtype, self.config, _stored_float_dtype(self.index))
         self.skeleton = build_skeleton(path, self.config, self.index, self.dtype)
+        if self.skeleton.experts is not None:  # experts run through the paged backend
+            route_experts(self.skeleton.model)
         self.tokenizer = _load_tokenizer(path) if tokenizer else None
         self.generation_config = _load_generation_config(path, self.config)
 

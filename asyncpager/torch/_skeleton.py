@@ -256,11 +256,6 @@ def build_skeleton(
     )
     routers = set(layout.router_names) if layout.layers else set()
     skeleton.experts = layout if layout.layers else None
-    if layout.layers:  # the experts run through the paged backend (``_experts.py``)
-        from ._experts import BACKEND, register_backend
-
-        register_backend()
-        model.set_experts_implementation(BACKEND)
     for ck in slots:
         layer = layer_of(ck)
         if layer is None or ck in routers:  # a router is small and kept resident
@@ -277,3 +272,20 @@ def _conversion(stored: Any, wanted: torch.dtype) -> torch.dtype | None:
     if have == wanted or not (have.is_floating_point and wanted.is_floating_point):
         return None
     return wanted
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, config: Any, skeleton_hint: Any) -> torch.dtype:
+    """The compute dtype: as given, else the config's, else ``skeleton_hint``."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype != "auto":
+        got = getattr(torch, dtype, None)
+        if not isinstance(got, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}")
+        return got
+    conf = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(conf, torch.dtype):
+        return conf
+    if isinstance(conf, str) and isinstance(getattr(torch, conf, None), torch.dtype):
+        return getattr(torch, conf)  # type: ignore[no-any-return]
+    return skeleton_hint  # type: ignore[no-any-return]

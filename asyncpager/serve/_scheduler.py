@@ -42,6 +42,7 @@ from typing import Any, Protocol, final
 
 import torch
 
+from ..torch._decode import GREEDY_BELOW
 from ._batch import BatchKV, left_padded
 
 __all__ = [
@@ -54,10 +55,6 @@ __all__ = [
     "StepStats",
 ]
 
-#: Temperatures below this are greedy: softmax(logits / T) tends to the argmax as T
-#: tends to 0, and already at 1e-5 a logit gap of 0.01 is a factor of e^-1000, so
-#: sampling would pick the argmax anyway, with no risk of overflowing to NaN.
-GREEDY_BELOW = 1e-5
 
 log = logging.getLogger("asyncpager.serve")
 

@@ -13,7 +13,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["DecodeLoop", "as_ids", "eos_ids", "make_generator", "next_token", "run_full"]
+__all__ = [
+    "GREEDY_BELOW",
+    "DecodeLoop",
+    "as_ids", "eos_ids", "make_generator", "next_token", "run_full"]
 
 
 def as_ids(input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -125,19 +128,27 @@ def make_generator(seed: int | None) -> torch.Generator:
     return gen
 
 
+#: Temperatures below this are greedy: softmax(logits / T) tends to the argmax as T
+#: tends to 0, and already at 1e-5 a logit gap of 0.01 is a factor of e^-1000, so
+#: sampling would pick the argmax anyway, with no risk of overflowing to NaN.
+GREEDY_BELOW = 1e-5
+
+
 def next_token(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
 ) -> int:
     """The next token id from one position's logits (shape ``(vocab,)``).
 
-    ``temperature <= 0`` is greedy (the first maximum, as ``argmax``). Otherwise the
-    logits are divided by ``temperature``, the smallest set of tokens whose
-    probability reaches ``top_p`` is kept (at least one; transformers' rule), and one
-    is drawn with ``generator``.
+    ``temperature`` below :data:`GREEDY_BELOW` is greedy (the first maximum, as
+    ``argmax``). Otherwise the logits are divided by ``temperature`` (in float64,
+    the maximum subtracted first, so no temperature overflows to NaN), the smallest
+    set of tokens whose probability reaches ``top_p`` is kept (at least one;
+    transformers' rule), and one is drawn with ``generator``.
     """
-    if temperature <= 0:
+    if temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
-    scores = logits.float() / temperature
+    scores = logits.double()
+    scores = (scores - scores.max()) / temperature
     if top_p < 1.0:
         sorted_scores, order = torch.sort(scores, descending=False)
         cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)

@@ -74,3 +74,20 @@ def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
     seen = {next_token(logits, 1.0, 0.75, make_generator(s)) for s in range(200)}
     assert seen == {0, 1}  # 0.5 + 0.3 reaches 0.75; 2 and 3 are never drawn
     assert next_token(logits, 0.0, 0.75, make_generator(0)) == 0
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-6])
+def test_tiny_temperatures_are_greedy_never_nan(temperature: float) -> None:
+    """softmax(logits / 1e-300) is NaN in float32; such temperatures mean greedy."""
+    logits = torch.tensor([0.5, 3.0, 2.999, -1.0])
+    gen = make_generator(0)
+    assert next_token(logits, temperature, 1.0, gen) == 1
+    assert next_token(logits, temperature, 0.5, gen) == 1
+
+
+def test_small_temperatures_sample_without_overflow() -> None:
+    """Just above the greedy threshold, scaled logits reach 1e5: the maximum is
+    subtracted first, so the draw is finite and picks the near-certain top token."""
+    logits = torch.tensor([0.0, 40.0, 39.0, -5.0])
+    gen = make_generator(0)
+    assert {next_token(logits, 1e-4, 1.0, gen) for _ in range(20)} == {1}

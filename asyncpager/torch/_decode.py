@@ -16,7 +16,12 @@ import torch
 __all__ = [
     "GREEDY_BELOW",
     "DecodeLoop",
-    "as_ids", "eos_ids", "make_generator", "next_token", "run_full"]
+    "as_ids",
+    "eos_ids",
+    "make_generator",
+    "next_token",
+    "run_full",
+]
 
 
 def as_ids(input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:

@@ -278,6 +278,14 @@ class Ledger:
             ticket.waited = True
             self.budget_waits += 1
             self.queue.append(ticket)
+        if self.queue:
+            # A ticket for pinned tensors passes the queue and may start loads that
+            # queued tickets can now join; a refused admission may have committed
+            # evictions: what is admissible now is granted now (this ticket included:
+            # then it is GRANTED on return), so no wake-up waits for a transition
+            # that never comes.
+            granted = self.pump()
+            effects.extend(e for e in granted if not (type(e) is Grant and e.ticket is ticket))
         return effects
 
     def settle(self, ticket: Ticket) -> None:

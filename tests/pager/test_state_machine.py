@@ -308,3 +308,22 @@ class LedgerMachine(RuleBasedStateMachine):
 
 TestLedgerMachine = LedgerMachine.TestCase
 TestLedgerMachine.settings = _SETTINGS
+
+
+def test_a_queued_ticket_joins_a_load_a_pinned_request_starts() -> None:
+    """A sequence the fuzz profile found: a request for a pinned tensor passes the
+    queue and starts its load; an earlier ticket for the same tensor, queued behind a
+    blocked head, can now join that load and must be granted by the same transition."""
+    state = LedgerMachine()
+    state.setup(sizes=[200, 64, 200], room=0.0, policy="lru", depth=0)
+    for step in (
+        lambda: state.prefetch(picks=[0]),
+        lambda: state.request(picks=[2]),
+        lambda: state.request(picks=[1]),
+        lambda: state.pin(i=1),
+        lambda: state.request(picks=[1]),
+    ):
+        step()
+        state.ledger_holds()
+        state.no_lost_wakeup()
+    state.teardown()

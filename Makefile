@@ -62,7 +62,7 @@ soak: dev
 	ASYNCPAGER_SOAK_SEEDS=$(SEEDS) $(BIN)/python -m pytest -W error -m slow tests/pager/test_chaos.py
 
 fuzz: dev
-	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -W error tests/formats/test_format_fuzz.py tests/pager/test_state_machine.py tests/pager/test_api_state_machine.py
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -W error --timeout 0 tests/formats/test_format_fuzz.py tests/pager/test_state_machine.py tests/pager/test_api_state_machine.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -94,8 +94,8 @@ async def test_direct_io_reads_aligned_superset(data_file: Path) -> None:
 
 @pytest.mark.parametrize("how", ["replaced", "unlinked"])
 async def test_every_source_keeps_reading_the_file_it_opened(tmp_path: Path, how: str) -> None:
-    """Defect 6: AiofilesSource reopened the path for each new handle and so
-    followed a replaced file; every file-backed source must read the file it
+    """A source that reopened the path for each new handle would follow a
+    replaced file; every file-backed source must read the file it
     opened until it is reopened (MemorySource holds its own bytes)."""
     path = tmp_path / "data.bin"
     new = bytes(b ^ 0xFF for b in DATA)
